@@ -1,0 +1,183 @@
+//! The admin HTTP API: probes for the orchestrator, Prometheus metrics, and a read-only JSON
+//! view of peers and queues for operators.
+//!
+//! Loopback clients are served as they are. Any other client needs `Authorization: Bearer
+//! <admin.token>`; without a configured token the API answers loopback only. Refusals are
+//! logged and counted.
+
+use crate::metrics::Metrics;
+use crate::registry::RegistryWatch;
+use crate::router::RouterHandle;
+use crate::session::Shared;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::warn;
+
+/// What readiness depends on.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Start-up recovery finished.
+    pub started: AtomicBool,
+    /// SIGTERM received.
+    pub draining: AtomicBool,
+    /// The store's last commit succeeded.
+    pub store_ok: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Why the relay is not ready, empty when it is.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut why = Vec::new();
+        if !self.started.load(Ordering::Relaxed) {
+            why.push("recovering the store");
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            why.push("draining");
+        }
+        if !self.store_ok.load(Ordering::Relaxed) {
+            why.push("store cannot write");
+        }
+        why
+    }
+}
+
+/// Everything the handlers read.
+pub struct AdminState {
+    /// Probes.
+    pub health: Arc<Health>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Peers.
+    pub registry: RegistryWatch,
+    /// Queues.
+    pub router: RouterHandle,
+    /// Sessions.
+    pub shared: Arc<Shared>,
+    /// Bearer token for non-loopback clients.
+    pub token: Option<String>,
+}
+
+/// The admin routes.
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/peers", get(peers))
+        .route("/v1/queues", get(queues))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+async fn guard(
+    State(state): State<Arc<AdminState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if remote.ip().is_loopback() {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let reason = match (&state.token, presented) {
+        (Some(token), Some(p)) if constant_time_eq(token.as_bytes(), p.as_bytes()) => {
+            return next.run(req).await;
+        }
+        (None, _) => "no token configured",
+        (Some(_), None) => "missing token",
+        (Some(_), Some(_)) => "wrong token",
+    };
+    warn!(%remote, path = %req.uri().path(), reason, "admin request refused");
+    state
+        .metrics
+        .admin_denied
+        .with_label_values(&[reason])
+        .inc();
+    (
+        StatusCode::UNAUTHORIZED,
+        "admin API: loopback only, or a bearer token\n",
+    )
+        .into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let why = state.health.not_ready();
+    if why.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "ready": false, "reasons": why })),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct PeerView {
+    id: String,
+    role: &'static str,
+    keys: Vec<String>,
+    sessions: Vec<crate::session::SessionInfo>,
+}
+
+async fn peers(State(state): State<Arc<AdminState>>) -> Json<Vec<PeerView>> {
+    let registry = state.registry.borrow().clone();
+    let sessions: Vec<crate::session::SessionInfo> = state
+        .shared
+        .sessions
+        .lock()
+        .map(|s| s.values().cloned().collect())
+        .unwrap_or_default();
+    Json(
+        registry
+            .peers()
+            .into_iter()
+            .map(|p| PeerView {
+                id: p.id.clone(),
+                role: if p.role == federation_spec::proto::Role::Broadcaster {
+                    "broadcaster"
+                } else {
+                    "platform"
+                },
+                keys: p.keys.iter().map(|k| hex::encode(k.as_bytes())).collect(),
+                sessions: sessions
+                    .iter()
+                    .filter(|s| s.peer == p.id)
+                    .cloned()
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
+async fn queues(State(state): State<Arc<AdminState>>) -> Response {
+    match state.router.snapshot().await {
+        Ok(q) => Json(q).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "router stopped\n").into_response(),
+    }
+}

@@ -1,0 +1,972 @@
+//! The router: the one owner of queue state (what is queued for whom, what is in flight on
+//! which session, quotas), run as a single task that sessions talk to over a bounded channel.
+//! No lock is held on the hot path, and every decision about a queue is made in one place.
+//!
+//! Custody: an ingest is answered only after the store's writer committed it (fsync). Commits
+//! are submitted to the writer in order and their completions are processed in that same
+//! order, so a queue's items become deliverable in sequence order.
+//!
+//! Memory: each queue keeps at most [`BUFFER_CAP`] items in memory; beyond that items stay on
+//! disk and are read back in batches as sessions have room, so a queue of ten million costs
+//! the same memory as a queue of ten thousand.
+
+use crate::config::Quota;
+use crate::metrics::Metrics;
+use crate::record::{self, Header, RecordKind};
+use crate::registry::RegistryWatch;
+use crate::store::{
+    DedupKey, Item, NewItem, PushOutcome, QueueKey, Store, StoreError, WriteBatch, Writer,
+};
+use bytes::Bytes;
+use federation_spec::lane::{self, LANES};
+use federation_spec::proto::{Expired, Lane};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use prost::Message;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+/// Items of one queue kept in memory, ready to hand out.
+pub const BUFFER_CAP: usize = 4096;
+/// Items read from disk at once when a queue's buffer runs dry.
+const LOAD_BATCH: usize = 1024;
+/// Expired items handled per tick.
+const EXPIRE_BATCH: usize = 4096;
+/// How long a peer told "busy" should wait.
+pub const BUSY_RETRY_MS: u32 = 1000;
+/// The largest receive window a session may have.
+pub const MAX_WINDOW: u32 = 65_536;
+
+/// A session's id, unique in this process.
+pub type SessionId = u64;
+
+/// One message (or receipt) to store and deliver.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Destination peer id.
+    pub dest: String,
+    /// Its lane.
+    pub lane: Lane,
+    /// When it expires.
+    pub expires_at_ms: u64,
+    /// Its dedup identity.
+    pub dedup: Option<DedupKey>,
+    /// The stored body (see [`record`]).
+    pub body: Bytes,
+}
+
+/// What became of one incoming item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestOutcome {
+    /// Durable (or a duplicate of a durable one).
+    Accepted {
+        /// Its expiry.
+        expires_at_ms: u64,
+        /// It was already there.
+        duplicate: bool,
+    },
+    /// The destination's quota or the disk is full.
+    Busy {
+        /// How long to wait.
+        retry_after_ms: u32,
+    },
+    /// The store failed.
+    Failed(String),
+}
+
+/// A frame for a session to send.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The lane stream to send it on.
+    pub lane: Lane,
+    /// The encoded frame.
+    pub frame: Bytes,
+}
+
+/// Router state as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueSnapshot {
+    /// Destination peer.
+    pub dest: String,
+    /// Lane name.
+    pub lane: &'static str,
+    /// Items durable in the store.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Items handed to sessions, not yet acked.
+    pub in_flight: usize,
+    /// Items held in memory, ready to hand out.
+    pub buffered: usize,
+}
+
+enum Command {
+    Ingest {
+        items: Vec<Incoming>,
+        reply: oneshot::Sender<Vec<IngestOutcome>>,
+    },
+    Attach {
+        session: SessionId,
+        peer: String,
+        tx: mpsc::Sender<Delivery>,
+        window: u32,
+    },
+    Detach {
+        session: SessionId,
+    },
+    Ack {
+        session: SessionId,
+        tags: Vec<u64>,
+    },
+    Window {
+        session: SessionId,
+        window: u32,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Vec<QueueSnapshot>>,
+    },
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A cheap handle to the router task.
+#[derive(Clone)]
+pub struct RouterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The router is gone (the relay is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("router stopped")]
+pub struct RouterGone;
+
+impl RouterHandle {
+    /// Stores `items` durably; the answer comes once they are committed.
+    pub async fn ingest(
+        &self,
+        items: Vec<Incoming>,
+    ) -> Result<oneshot::Receiver<Vec<IngestOutcome>>, RouterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Ingest { items, reply })
+            .await
+            .map_err(|_| RouterGone)?;
+        Ok(rx)
+    }
+
+    /// Registers a session of `peer` that can hold `window` un-acked deliveries.
+    pub async fn attach(
+        &self,
+        session: SessionId,
+        peer: String,
+        tx: mpsc::Sender<Delivery>,
+        window: u32,
+    ) -> Result<(), RouterGone> {
+        self.tx
+            .send(Command::Attach {
+                session,
+                peer,
+                tx,
+                window,
+            })
+            .await
+            .map_err(|_| RouterGone)
+    }
+
+    /// The session ended: what it had in flight is delivered again elsewhere.
+    pub async fn detach(&self, session: SessionId) {
+        let _ = self.tx.send(Command::Detach { session }).await;
+    }
+
+    /// The session's peer took custody of these deliveries.
+    pub async fn ack(&self, session: SessionId, tags: Vec<u64>) -> Result<(), RouterGone> {
+        self.tx
+            .send(Command::Ack { session, tags })
+            .await
+            .map_err(|_| RouterGone)
+    }
+
+    /// The session's receive window changed.
+    pub async fn window(&self, session: SessionId, window: u32) -> Result<(), RouterGone> {
+        self.tx
+            .send(Command::Window { session, window })
+            .await
+            .map_err(|_| RouterGone)
+    }
+
+    /// Every queue's state.
+    pub async fn snapshot(&self) -> Result<Vec<QueueSnapshot>, RouterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Snapshot { reply })
+            .await
+            .map_err(|_| RouterGone)?;
+        rx.await.map_err(|_| RouterGone)
+    }
+
+    /// Waits until every commit submitted so far has completed.
+    pub async fn flush(&self) -> Result<(), RouterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush { reply })
+            .await
+            .map_err(|_| RouterGone)?;
+        rx.await.map_err(|_| RouterGone)
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Next seq to assign.
+    next_seq: u64,
+    /// Highest seq whose commit completed.
+    committed_to: u64,
+    /// Every seq up to this is in memory (buffer, redeliver, in flight) or gone.
+    loaded_to: u64,
+    /// Committed items beyond `loaded_to` exist on disk only.
+    spilled: bool,
+    buffer: VecDeque<Item>,
+    redeliver: BTreeMap<u64, Item>,
+    in_flight: HashSet<u64>,
+    count: u64,
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Dest {
+    /// Items durable or being committed, all lanes: what the quota counts.
+    count: u64,
+    bytes: u64,
+    sessions: Vec<SessionId>,
+    next_session: usize,
+    picks: u64,
+}
+
+struct Session {
+    peer: String,
+    tx: mpsc::Sender<Delivery>,
+    window: u32,
+    in_flight: HashMap<u64, (QueueKey, Item)>,
+    next_tag: u64,
+}
+
+/// What to do when a commit completes.
+enum Pending {
+    Ingest {
+        reply: oneshot::Sender<Vec<IngestOutcome>>,
+        outcomes: Vec<IngestOutcome>,
+        /// (index in outcomes, the pushed item) in push order.
+        pushed: Vec<(usize, Item)>,
+    },
+    Remove {
+        removed: Vec<Item>,
+        /// Expiry notices pushed with the removal.
+        notices: Vec<Item>,
+        delivered: bool,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+type CommitResult = Result<Vec<PushOutcome>, StoreError>;
+
+/// The router task's state.
+pub struct Router {
+    store: Arc<dyn Store>,
+    writer: Writer,
+    registry: RegistryWatch,
+    default_quota: Quota,
+    max_disk_bytes: u64,
+    notice_ttl_ms: u64,
+    metrics: Arc<Metrics>,
+    /// False while the store cannot write (disk full, I/O errors): /readyz reports it.
+    store_ok: Arc<AtomicBool>,
+    disk_full: bool,
+    queues: HashMap<QueueKey, Queue>,
+    dests: HashMap<String, Dest>,
+    sessions: HashMap<SessionId, Session>,
+    pending: VecDeque<Pending>,
+    completions: FuturesOrdered<oneshot::Receiver<CommitResult>>,
+    removing: HashSet<(QueueKey, u64)>,
+}
+
+/// Settings of the router.
+pub struct RouterConfig {
+    /// Quota of destinations without their own.
+    pub default_quota: Quota,
+    /// Busy past this many bytes on disk (0: no limit).
+    pub max_disk_bytes: u64,
+    /// TTL of expiry notices.
+    pub notice_ttl_ms: u64,
+}
+
+impl Router {
+    /// Recovers queue state from the store and starts the router task.
+    pub fn start(
+        store: Arc<dyn Store>,
+        writer: Writer,
+        registry: RegistryWatch,
+        config: RouterConfig,
+        metrics: Arc<Metrics>,
+        store_ok: Arc<AtomicBool>,
+    ) -> Result<(RouterHandle, tokio::task::JoinHandle<()>), StoreError> {
+        let mut router = Router {
+            store,
+            writer,
+            registry,
+            default_quota: config.default_quota,
+            max_disk_bytes: config.max_disk_bytes,
+            notice_ttl_ms: config.notice_ttl_ms,
+            metrics,
+            store_ok,
+            disk_full: false,
+            queues: HashMap::new(),
+            dests: HashMap::new(),
+            sessions: HashMap::new(),
+            pending: VecDeque::new(),
+            completions: FuturesOrdered::new(),
+            removing: HashSet::new(),
+        };
+        for state in router.store.recover()? {
+            let dest = router.dests.entry(state.queue.dest.clone()).or_default();
+            dest.count += state.count;
+            dest.bytes += state.bytes;
+            let q = Queue {
+                next_seq: state.next_seq.max(1),
+                committed_to: state.next_seq.saturating_sub(1),
+                loaded_to: state.head_seq.saturating_sub(1),
+                spilled: state.count > 0,
+                count: state.count,
+                bytes: state.bytes,
+                ..Default::default()
+            };
+            router.queues.insert(state.queue, q);
+        }
+        let recovered: u64 = router.queues.values().map(|q| q.count).sum();
+        tracing::info!(
+            queues = router.queues.len(),
+            messages = recovered,
+            "store recovered"
+        );
+        let (tx, rx) = mpsc::channel(4096);
+        let task = tokio::spawn(router.run(rx));
+        Ok((RouterHandle { tx }, task))
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                biased;
+                Some(result) = self.completions.next(), if !self.completions.is_empty() => {
+                    let result = result.unwrap_or_else(|_| Err(StoreError::Backend("store writer stopped".into())));
+                    if let Some(p) = self.pending.pop_front() {
+                        self.on_commit(p, result);
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd).await,
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.on_tick(ticks).await;
+                }
+            }
+        }
+        // Every sender is gone: finish what was submitted so no waiter is left hanging.
+        while let Some(result) = self.completions.next().await {
+            let result =
+                result.unwrap_or_else(|_| Err(StoreError::Backend("store writer stopped".into())));
+            if let Some(p) = self.pending.pop_front() {
+                self.on_commit(p, result);
+            }
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Ingest { items, reply } => self.ingest(items, reply).await,
+            Command::Attach {
+                session,
+                peer,
+                tx,
+                window,
+            } => {
+                self.dests
+                    .entry(peer.clone())
+                    .or_default()
+                    .sessions
+                    .push(session);
+                self.sessions.insert(
+                    session,
+                    Session {
+                        peer: peer.clone(),
+                        tx,
+                        window: window.min(MAX_WINDOW),
+                        in_flight: HashMap::new(),
+                        next_tag: 1,
+                    },
+                );
+                self.dispatch(&peer);
+            }
+            Command::Detach { session } => {
+                let Some(s) = self.sessions.remove(&session) else {
+                    return;
+                };
+                if let Some(d) = self.dests.get_mut(&s.peer) {
+                    d.sessions.retain(|id| *id != session);
+                }
+                for (_, (qk, item)) in s.in_flight {
+                    if let Some(q) = self.queues.get_mut(&qk) {
+                        q.in_flight.remove(&item.seq);
+                        q.redeliver.insert(item.seq, item);
+                    }
+                }
+                self.dispatch(&s.peer);
+            }
+            Command::Ack { session, tags } => self.ack(session, tags).await,
+            Command::Window { session, window } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.window = window.min(MAX_WINDOW);
+                    let peer = s.peer.clone();
+                    self.dispatch(&peer);
+                }
+            }
+            Command::Snapshot { reply } => {
+                let mut all: Vec<QueueSnapshot> = self
+                    .queues
+                    .iter()
+                    .map(|(k, q)| QueueSnapshot {
+                        dest: k.dest.clone(),
+                        lane: lane_name(k.lane),
+                        messages: q.count,
+                        bytes: q.bytes,
+                        in_flight: q.in_flight.len(),
+                        buffered: q.buffer.len() + q.redeliver.len(),
+                    })
+                    .collect();
+                all.sort_by(|a, b| (&a.dest, a.lane).cmp(&(&b.dest, b.lane)));
+                let _ = reply.send(all);
+            }
+            Command::Flush { reply } => {
+                if self.pending.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    // Answered when everything before it has completed.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Ok(Vec::new()));
+                    self.completions.push_back(rx);
+                    self.pending.push_back(Pending::Flush(reply));
+                }
+            }
+        }
+    }
+
+    fn quota(&self, dest: &str) -> Quota {
+        self.registry
+            .borrow()
+            .get(dest)
+            .map(|p| p.quota)
+            .unwrap_or(self.default_quota)
+    }
+
+    async fn ingest(&mut self, items: Vec<Incoming>, reply: oneshot::Sender<Vec<IngestOutcome>>) {
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut pushed = Vec::with_capacity(items.len());
+        let mut batch = WriteBatch::default();
+        for (i, incoming) in items.into_iter().enumerate() {
+            let quota = self.quota(&incoming.dest);
+            let size = incoming.body.len() as u64;
+            let dest = self.dests.entry(incoming.dest.clone()).or_default();
+            if self.disk_full
+                || dest.count >= quota.max_messages
+                || dest.bytes + size > quota.max_bytes
+            {
+                outcomes.push(IngestOutcome::Busy {
+                    retry_after_ms: BUSY_RETRY_MS,
+                });
+                continue;
+            }
+            dest.count += 1;
+            dest.bytes += size;
+            let qk = QueueKey {
+                dest: incoming.dest,
+                lane: incoming.lane as u8,
+            };
+            let q = self.queues.entry(qk.clone()).or_insert_with(new_queue);
+            let item = Item {
+                queue: qk,
+                seq: q.next_seq,
+                expires_at_ms: incoming.expires_at_ms,
+                body: incoming.body,
+            };
+            q.next_seq += 1;
+            outcomes.push(IngestOutcome::Accepted {
+                expires_at_ms: incoming.expires_at_ms,
+                duplicate: false,
+            });
+            pushed.push((i, item.clone()));
+            batch.push.push(NewItem {
+                item,
+                dedup: incoming.dedup,
+            });
+        }
+        if batch.is_empty() {
+            let _ = reply.send(outcomes);
+            return;
+        }
+        self.submit(
+            batch,
+            Pending::Ingest {
+                reply,
+                outcomes,
+                pushed,
+            },
+        )
+        .await;
+    }
+
+    async fn submit(&mut self, batch: WriteBatch, pending: Pending) {
+        match self.writer.submit(batch).await {
+            Ok(rx) => {
+                self.completions.push_back(rx);
+                self.pending.push_back(pending);
+            }
+            Err(e) => {
+                // The writer is gone: fail this commit in order with the others.
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(e));
+                self.completions.push_back(rx);
+                self.pending.push_back(pending);
+            }
+        }
+    }
+
+    fn on_commit(&mut self, pending: Pending, result: CommitResult) {
+        match &result {
+            Ok(_) => self.store_ok.store(true, Ordering::Relaxed),
+            Err(e) => {
+                error!(error = %e, "store commit failed");
+                self.store_ok.store(false, Ordering::Relaxed);
+            }
+        }
+        match pending {
+            Pending::Ingest {
+                reply,
+                mut outcomes,
+                pushed,
+            } => {
+                let mut touched = HashSet::new();
+                match result {
+                    Ok(push_outcomes) => {
+                        for ((i, item), outcome) in pushed.into_iter().zip(push_outcomes) {
+                            match outcome {
+                                PushOutcome::Stored => {
+                                    touched.insert(item.queue.dest.clone());
+                                    self.on_stored(item);
+                                }
+                                PushOutcome::Duplicate { expires_at_ms } => {
+                                    self.on_not_stored(&item);
+                                    outcomes[i] = IngestOutcome::Accepted {
+                                        expires_at_ms,
+                                        duplicate: true,
+                                    };
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let busy = matches!(e, StoreError::Full(_));
+                        for (i, item) in pushed {
+                            self.on_not_stored(&item);
+                            outcomes[i] = if busy {
+                                IngestOutcome::Busy {
+                                    retry_after_ms: BUSY_RETRY_MS,
+                                }
+                            } else {
+                                IngestOutcome::Failed(e.to_string())
+                            };
+                        }
+                    }
+                }
+                let _ = reply.send(outcomes);
+                for dest in touched {
+                    self.dispatch(&dest);
+                }
+            }
+            Pending::Remove {
+                removed,
+                notices,
+                delivered,
+            } => {
+                let ok = result.is_ok();
+                for item in removed {
+                    self.removing.remove(&(item.queue.clone(), item.seq));
+                    if !ok {
+                        // Still on disk: the next expiry scan or a redelivery handles it.
+                        continue;
+                    }
+                    let size = item.body.len() as u64;
+                    if let Some(q) = self.queues.get_mut(&item.queue) {
+                        q.count = q.count.saturating_sub(1);
+                        q.bytes = q.bytes.saturating_sub(size);
+                    }
+                    if let Some(d) = self.dests.get_mut(&item.queue.dest) {
+                        d.count = d.count.saturating_sub(1);
+                        d.bytes = d.bytes.saturating_sub(size);
+                    }
+                    let lane = lane_name(item.queue.lane);
+                    if delivered {
+                        self.metrics.delivered.with_label_values(&[lane]).inc();
+                        if let Ok((h, _)) = record::decode(&item.body) {
+                            let secs = unix_ms().saturating_sub(h.accepted_at_ms) as f64 / 1000.0;
+                            self.metrics
+                                .delivery_latency
+                                .with_label_values(&[lane])
+                                .observe(secs);
+                        }
+                    } else {
+                        self.metrics.expired.with_label_values(&[lane]).inc();
+                    }
+                }
+                let mut touched = HashSet::new();
+                for notice in notices {
+                    if ok {
+                        touched.insert(notice.queue.dest.clone());
+                        self.on_stored(notice);
+                    } else {
+                        self.on_not_stored(&notice);
+                    }
+                }
+                for dest in touched {
+                    self.dispatch(&dest);
+                }
+            }
+            Pending::Flush(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// A pushed item is durable: it counts in its queue and may go into the buffer.
+    fn on_stored(&mut self, item: Item) {
+        let q = self
+            .queues
+            .entry(item.queue.clone())
+            .or_insert_with(new_queue);
+        q.count += 1;
+        q.bytes += item.body.len() as u64;
+        q.committed_to = q.committed_to.max(item.seq);
+        if !q.spilled && q.buffer.len() < BUFFER_CAP {
+            q.loaded_to = item.seq;
+            q.buffer.push_back(item);
+        } else {
+            q.spilled = true;
+        }
+    }
+
+    /// A reserved item was not stored (duplicate or failure): release its reservation.
+    fn on_not_stored(&mut self, item: &Item) {
+        let size = item.body.len() as u64;
+        if let Some(d) = self.dests.get_mut(&item.queue.dest) {
+            d.count = d.count.saturating_sub(1);
+            d.bytes = d.bytes.saturating_sub(size);
+        }
+        if let Some(q) = self.queues.get_mut(&item.queue) {
+            q.committed_to = q.committed_to.max(item.seq);
+            if !q.spilled {
+                q.loaded_to = q.loaded_to.max(item.seq);
+            }
+        }
+    }
+
+    /// Hands out queued items to the sessions of `dest` that have room, round-robin, lanes
+    /// by priority: call, then chat, then bulk, except that every eighth pick tries bulk first
+    /// so a busy chat lane cannot starve a campaign.
+    fn dispatch(&mut self, dest: &str) {
+        let now = unix_ms();
+        let Some(d) = self.dests.get_mut(dest) else {
+            return;
+        };
+        if d.sessions.is_empty() {
+            return;
+        }
+        let mut idle_rounds = 0;
+        while idle_rounds < d.sessions.len() {
+            let idx = d.next_session % d.sessions.len();
+            d.next_session = d.next_session.wrapping_add(1);
+            let sid = d.sessions[idx];
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                idle_rounds += 1;
+                continue;
+            };
+            if s.in_flight.len() >= s.window as usize {
+                idle_rounds += 1;
+                continue;
+            }
+            d.picks += 1;
+            let order = if d.picks % 8 == 0 {
+                [Lane::Bulk, Lane::Call, Lane::Chat]
+            } else {
+                LANES
+            };
+            let mut sent = false;
+            for lane in order {
+                let qk = QueueKey {
+                    dest: dest.to_string(),
+                    lane: lane as u8,
+                };
+                let Some(q) = self.queues.get_mut(&qk) else {
+                    continue;
+                };
+                let Some(item) = next_item(&qk, q, &*self.store, now) else {
+                    continue;
+                };
+                let tag = s.next_tag;
+                let frame = match record::to_frame(&item.body, tag) {
+                    Ok((_, frame)) => frame,
+                    Err(e) => {
+                        // Never deliver a damaged record; it stays on disk for an operator.
+                        error!(dest, seq = item.seq, error = %e, "unreadable stored record skipped");
+                        continue;
+                    }
+                };
+                match s.tx.try_send(Delivery { lane, frame }) {
+                    Ok(()) => {
+                        s.next_tag += 1;
+                        q.in_flight.insert(item.seq);
+                        s.in_flight.insert(tag, (qk, item));
+                        sent = true;
+                    }
+                    Err(_) => {
+                        // The session is going away or its queue is full: keep the item.
+                        q.redeliver.insert(item.seq, item);
+                    }
+                }
+                break;
+            }
+            if sent {
+                idle_rounds = 0;
+            } else {
+                idle_rounds += 1;
+            }
+        }
+    }
+
+    async fn ack(&mut self, session: SessionId, tags: Vec<u64>) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let peer = s.peer.clone();
+        let mut removed = Vec::with_capacity(tags.len());
+        let mut batch = WriteBatch::default();
+        for tag in tags {
+            let Some((qk, item)) = s.in_flight.remove(&tag) else {
+                debug!(peer, tag, "ack of an unknown delivery tag ignored");
+                continue;
+            };
+            if let Some(q) = self.queues.get_mut(&qk) {
+                q.in_flight.remove(&item.seq);
+            }
+            self.removing.insert((qk.clone(), item.seq));
+            batch.remove.push((qk, item.seq));
+            removed.push(item);
+        }
+        if !batch.is_empty() {
+            self.submit(
+                batch,
+                Pending::Remove {
+                    removed,
+                    notices: Vec::new(),
+                    delivered: true,
+                },
+            )
+            .await;
+        }
+        self.dispatch(&peer);
+    }
+
+    async fn on_tick(&mut self, ticks: u64) {
+        let now = unix_ms();
+        self.expire(now).await;
+        if ticks % 10 == 0 {
+            if let Err(e) = self.store.prune_dedup(now, 100_000) {
+                warn!(error = %e, "dedup prune failed");
+            }
+            if self.max_disk_bytes > 0 {
+                match self.store.disk_bytes() {
+                    Ok(bytes) => self.disk_full = bytes >= self.max_disk_bytes,
+                    Err(e) => warn!(error = %e, "cannot read the store's size"),
+                }
+            }
+        }
+        for (dest, d) in &self.dests {
+            self.metrics
+                .queue_depth
+                .with_label_values(&[dest])
+                .set(d.count as i64);
+            self.metrics
+                .queue_bytes
+                .with_label_values(&[dest])
+                .set(d.bytes as i64);
+        }
+    }
+
+    /// Removes items whose TTL passed and, in the same commit, queues an Expired notice for
+    /// each to its origin. Items in flight are left alone: the destination may still ack them.
+    async fn expire(&mut self, now: u64) {
+        let expired = match self.store.expired(now, EXPIRE_BATCH) {
+            Ok(items) => items,
+            Err(e) => {
+                warn!(error = %e, "expiry scan failed");
+                return;
+            }
+        };
+        let mut batch = WriteBatch::default();
+        let mut removed = Vec::new();
+        let mut notices = Vec::new();
+        for item in expired {
+            let key = (item.queue.clone(), item.seq);
+            if self.removing.contains(&key) {
+                continue;
+            }
+            let Some(q) = self.queues.get_mut(&item.queue) else {
+                continue;
+            };
+            if q.in_flight.contains(&item.seq) {
+                continue;
+            }
+            q.buffer.retain(|i| i.seq != item.seq);
+            q.redeliver.remove(&item.seq);
+            self.removing.insert(key);
+            batch.remove.push((item.queue.clone(), item.seq));
+            match record::decode(&item.body) {
+                Ok((h, _))
+                    if h.kind != RecordKind::Expired
+                        && self.registry.borrow().get(&h.origin).is_some() =>
+                {
+                    let notice = self.notice(&h, item.queue.lane, now);
+                    batch.push.push(NewItem {
+                        item: notice.clone(),
+                        dedup: None,
+                    });
+                    notices.push(notice);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(seq = item.seq, error = %e, "expired record unreadable; removed without notice")
+                }
+            }
+            removed.push(item);
+        }
+        if !batch.is_empty() {
+            debug!(expired = removed.len(), "expiring");
+            self.submit(
+                batch,
+                Pending::Remove {
+                    removed,
+                    notices,
+                    delivered: false,
+                },
+            )
+            .await;
+        }
+    }
+
+    fn notice(&mut self, h: &Header, lane: u8, now: u64) -> Item {
+        let expired = Expired {
+            id: Bytes::copy_from_slice(&h.id),
+            to: h.to.clone(),
+            expired_at_ms: now,
+            tag: 0,
+            campaign_id: Bytes::new(),
+        };
+        let header = Header {
+            kind: RecordKind::Expired,
+            origin: h.origin.clone(),
+            id: h.id,
+            to: h.to.clone(),
+            accepted_at_ms: now,
+        };
+        let body = record::encode(&header, &expired.encode_to_vec());
+        let qk = QueueKey {
+            dest: h.origin.clone(),
+            lane,
+        };
+        // Notices bypass the quota: losing one would lose the only word the origin gets.
+        let d = self.dests.entry(h.origin.clone()).or_default();
+        d.count += 1;
+        d.bytes += body.len() as u64;
+        let q = self.queues.entry(qk.clone()).or_insert_with(new_queue);
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        Item {
+            queue: qk,
+            seq,
+            expires_at_ms: now + self.notice_ttl_ms,
+            body,
+        }
+    }
+}
+
+fn new_queue() -> Queue {
+    Queue {
+        next_seq: 1,
+        ..Default::default()
+    }
+}
+
+/// The next item of a queue to hand out: redeliveries first, then the buffer, refilled from
+/// disk when it runs dry. Expired items are skipped (the expiry scan reports them).
+fn next_item(qk: &QueueKey, q: &mut Queue, store: &dyn Store, now: u64) -> Option<Item> {
+    loop {
+        let item = if let Some((_, item)) = q.redeliver.pop_first() {
+            item
+        } else if let Some(item) = q.buffer.pop_front() {
+            item
+        } else if q.spilled {
+            match store.read(qk, q.loaded_to, LOAD_BATCH) {
+                Ok(items) => {
+                    let full = items.len() == LOAD_BATCH;
+                    if let Some(last) = items.last() {
+                        q.loaded_to = last.seq;
+                    }
+                    q.buffer
+                        .extend(items.into_iter().filter(|i| !q.in_flight.contains(&i.seq)));
+                    if !full {
+                        q.spilled = false;
+                        q.loaded_to = q.loaded_to.max(q.committed_to);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    warn!(error = %e, "queue read failed");
+                    return None;
+                }
+            }
+        } else {
+            return None;
+        };
+        if item.expires_at_ms > now {
+            return Some(item);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    crate::store::unix_ms()
+}
+
+fn lane_name(lane: u8) -> &'static str {
+    lane::from_wire(lane as i32)
+        .map(lane::name)
+        .unwrap_or("unknown")
+}
