@@ -135,13 +135,29 @@ impl FrameDecoder {
 
 /// Splits one WebSocket binary message into its frames. A message holds whole frames only.
 pub fn decode_message(message: &[u8], max_frame: usize) -> Result<Vec<Frame>, ProtocolError> {
-    let mut decoder = FrameDecoder::new(max_frame);
-    decoder.extend(message);
+    decode_message_bytes(Bytes::copy_from_slice(message), max_frame)
+}
+
+/// [`decode_message`] without copying: the frames' bytes fields share `message`'s memory.
+pub fn decode_message_bytes(mut message: Bytes, max_frame: usize) -> Result<Vec<Frame>, ProtocolError> {
+    let max_frame = max_frame.min(ABSOLUTE_MAX_FRAME);
     let mut frames = Vec::new();
-    while let Some(frame) = decoder.next_frame()? {
-        frames.push(frame);
+    while !message.is_empty() {
+        if message.len() < LENGTH_PREFIX {
+            return Err(ProtocolError::Malformed("message ends inside a length prefix".into()));
+        }
+        let len = message.get_u32() as usize;
+        if len > max_frame {
+            return Err(ProtocolError::FrameTooLarge { len, max: max_frame });
+        }
+        if message.len() < len {
+            return Err(ProtocolError::Malformed(format!(
+                "message ends inside a frame ({} of {len} bytes)",
+                message.len()
+            )));
+        }
+        frames.push(decode_body(message.split_to(len))?);
     }
-    decoder.finish()?;
     Ok(frames)
 }
 
