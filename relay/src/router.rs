@@ -664,7 +664,9 @@ impl Router {
         q.count += 1;
         q.bytes += item.body.len() as u64;
         q.committed_to = q.committed_to.max(item.seq);
-        if !q.spilled && q.buffer.len() < BUFFER_CAP {
+        if item.seq <= q.loaded_to {
+            // A disk read got to it before this completion was processed: already in memory.
+        } else if !q.spilled && q.buffer.len() < BUFFER_CAP {
             q.loaded_to = item.seq;
             q.buffer.push_back(item);
         } else {
