@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::warn;
@@ -83,33 +83,44 @@ async fn guard(
     req: Request,
     next: Next,
 ) -> Response {
-    if remote.ip().is_loopback() {
-        return next.run(req).await;
-    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let reason = match (&state.token, presented) {
-        (Some(token), Some(p)) if constant_time_eq(token.as_bytes(), p.as_bytes()) => {
-            return next.run(req).await;
+    match access(remote.ip(), state.token.as_deref(), presented) {
+        Ok(()) => next.run(req).await,
+        Err(reason) => {
+            warn!(%remote, path = %req.uri().path(), reason, "admin request refused");
+            state
+                .metrics
+                .admin_denied
+                .with_label_values(&[reason])
+                .inc();
+            (
+                StatusCode::UNAUTHORIZED,
+                "admin API: loopback only, or a bearer token\n",
+            )
+                .into_response()
         }
-        (None, _) => "no token configured",
-        (Some(_), None) => "missing token",
-        (Some(_), Some(_)) => "wrong token",
-    };
-    warn!(%remote, path = %req.uri().path(), reason, "admin request refused");
-    state
-        .metrics
-        .admin_denied
-        .with_label_values(&[reason])
-        .inc();
-    (
-        StatusCode::UNAUTHORIZED,
-        "admin API: loopback only, or a bearer token\n",
-    )
-        .into_response()
+    }
+}
+
+/// Who may use the admin API: loopback always; others with the configured token.
+fn access(
+    remote: IpAddr,
+    token: Option<&str>,
+    presented: Option<&str>,
+) -> Result<(), &'static str> {
+    if remote.is_loopback() {
+        return Ok(());
+    }
+    match (token, presented) {
+        (Some(token), Some(p)) if constant_time_eq(token.as_bytes(), p.as_bytes()) => Ok(()),
+        (None, _) => Err("no token configured"),
+        (Some(_), None) => Err("missing token"),
+        (Some(_), Some(_)) => Err("wrong token"),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -179,5 +190,24 @@ async fn queues(State(state): State<Arc<AdminState>>) -> Response {
     match state.router.snapshot().await {
         Ok(q) => Json(q).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "router stopped\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_loopback_needs_the_token() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let far: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(access(lo, None, None), Ok(()));
+        assert_eq!(access(far, None, Some("x")), Err("no token configured"));
+        assert_eq!(access(far, Some("s3cret"), None), Err("missing token"));
+        assert_eq!(
+            access(far, Some("s3cret"), Some("s3cre")),
+            Err("wrong token")
+        );
+        assert_eq!(access(far, Some("s3cret"), Some("s3cret")), Ok(()));
     }
 }
