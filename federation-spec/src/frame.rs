@@ -139,16 +139,24 @@ pub fn decode_message(message: &[u8], max_frame: usize) -> Result<Vec<Frame>, Pr
 }
 
 /// [`decode_message`] without copying: the frames' bytes fields share `message`'s memory.
-pub fn decode_message_bytes(mut message: Bytes, max_frame: usize) -> Result<Vec<Frame>, ProtocolError> {
+pub fn decode_message_bytes(
+    mut message: Bytes,
+    max_frame: usize,
+) -> Result<Vec<Frame>, ProtocolError> {
     let max_frame = max_frame.min(ABSOLUTE_MAX_FRAME);
     let mut frames = Vec::new();
     while !message.is_empty() {
         if message.len() < LENGTH_PREFIX {
-            return Err(ProtocolError::Malformed("message ends inside a length prefix".into()));
+            return Err(ProtocolError::Malformed(
+                "message ends inside a length prefix".into(),
+            ));
         }
         let len = message.get_u32() as usize;
         if len > max_frame {
-            return Err(ProtocolError::FrameTooLarge { len, max: max_frame });
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: max_frame,
+            });
         }
         if message.len() < len {
             return Err(ProtocolError::Malformed(format!(

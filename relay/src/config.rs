@@ -170,7 +170,7 @@ pub struct Limits {
     pub max_payload_bytes: u32,
     /// Unanswered Deliver/Receipt frames a peer may have outstanding.
     pub max_inflight: u32,
-    /// Receive window used when the peer announces 0, and the most it may announce.
+    /// Receive window used when the peer announces 0 (a peer may ask for up to 65,536).
     pub receive_window: u32,
     /// Time allowed for the handshake.
     pub handshake_timeout_ms: u64,

@@ -25,6 +25,8 @@ use tracing::debug;
 
 /// Frames queued for a WebSocket peer before it counts as not reading.
 pub const OUT_QUEUE: usize = 32 * 1024;
+/// Frames sent together are packed into messages of at most this many bytes.
+const MAX_MESSAGE: usize = 256 * 1024;
 
 /// Accepts connections until `listener` fails, handing each to `handler`.
 pub async fn serve(
@@ -190,7 +192,20 @@ where
         let mut finish = None;
         for out in batch.drain(..) {
             match out {
-                Out::Frame(frame) => message.extend_from_slice(&frame),
+                Out::Frame(frame) => {
+                    // A message holds at most one maximum frame's worth (SPEC.md 2.2), so a
+                    // peer with a standard WebSocket size limit can read it.
+                    if !message.is_empty() && message.len() + frame.len() > MAX_MESSAGE {
+                        if sink
+                            .send(Message::Binary(message.split().freeze()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    message.extend_from_slice(&frame);
+                }
                 Out::Finish(done) => finish = Some(done),
             }
         }
