@@ -798,7 +798,7 @@ impl Router {
     async fn on_tick(&mut self, ticks: u64) {
         let now = unix_ms();
         self.expire(now).await;
-        if ticks % 10 == 0 {
+        if ticks.is_multiple_of(10) {
             if let Err(e) = self.store.prune_dedup(now, 100_000) {
                 warn!(error = %e, "dedup prune failed");
             }

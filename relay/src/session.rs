@@ -613,7 +613,7 @@ impl Session {
                         expires_at_ms,
                         dedup: Some(DedupKey {
                             origin: self.peer.clone(),
-                            id: receipt_dedup_id(&checked.id, r.kind),
+                            id: receipt_dedup_id(r.at_ms, &checked.id, r.kind),
                         }),
                         body,
                     });
@@ -624,12 +624,10 @@ impl Session {
                     });
                 }
                 Some(Kind::Ack(a)) => {
-                    if self.shared.router.ack(self.id, a.tags).await.is_err() {
-                        return Err(End::Goaway(
-                            ErrorCode::ShuttingDown,
-                            "relay stopping".into(),
-                        ));
-                    }
+                    let acked = self.shared.router.ack(self.id, a.tags).await;
+                    acked.map_err(|_| {
+                        End::Goaway(ErrorCode::ShuttingDown, "relay stopping".into())
+                    })?;
                 }
                 Some(Kind::Credit(c)) => {
                     self.window = if c.receive_window == 0 {
@@ -715,7 +713,7 @@ impl Session {
                     expires_at_ms,
                     dedup: Some(DedupKey {
                         origin: self.peer.clone(),
-                        id: checked.id,
+                        id: dedup_id(checked.envelope.created_at_ms, &checked.id),
                     }),
                     body: record::encode(&header, &deliver.encode_to_vec()),
                 });
@@ -929,15 +927,30 @@ fn envelope_id(d: &Deliver) -> Bytes {
         .unwrap_or_default()
 }
 
-/// Receipts dedup in their own namespace: a hash of kind and message id, so a receipt never
-/// collides with a message of the same id from the same peer.
-fn receipt_dedup_id(id: &[u8; 16], kind: i32) -> [u8; 16] {
+/// The store's dedup key of a message: `created_at_ms` then the first half of the id.
+///
+/// Random ids as keys scatter inserts over the whole dedup table, one dirty page per message
+/// once the table outgrows a commit (measured: redb enqueue fell from ~250k to ~26k msgs/s at
+/// 2M entries). Leading with the creation time keeps inserts together. A resend carries the
+/// same signed envelope, so it has the same key (SPEC.md 6.6); eight random bytes within one
+/// millisecond of one origin are plenty to tell messages apart.
+fn dedup_id(created_at_ms: u64, id: &[u8; 16]) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&created_at_ms.to_be_bytes());
+    key[8..].copy_from_slice(&id[..8]);
+    key
+}
+
+/// Receipts dedup in their own namespace: the receipt's time, then a hash of kind and message
+/// id, so a receipt never collides with a message of the same id from the same peer.
+fn receipt_dedup_id(at_ms: u64, id: &[u8; 16], kind: i32) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update(b"receipt");
     h.update(kind.to_be_bytes());
     h.update(id);
     let digest = h.finalize();
     let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
+    out[..8].copy_from_slice(&at_ms.to_be_bytes());
+    out[8..].copy_from_slice(&digest[..8]);
     out
 }

@@ -33,11 +33,23 @@
 //! queues in batches of 1,000 enqueued at ~200k msgs/s and drained at ~450k msgs/s; it is
 //! maintained, checksums its pages, and [`Store::compact`] gives the disk space of a drained
 //! surge back. sled 0.34 (cargo feature `sled`) passes the same test suite, but it has been
-//! unmaintained since 2021 and its files never shrink after a drain (`compact` returns
-//! `Ok(false)`); keep it for comparison only.
+//! unmaintained since 2021, its files never shrink after a drain (`compact` returns
+//! `Ok(false)`), and it measured ~53k msgs/s enqueued here against redb's ~250k; keep it for
+//! comparison only.
 //!
 //! Writes go through one [`writer::Writer`] thread that group-commits: every pending request
 //! merged into one transaction, one fsync, then every waiter answered.
+//!
+//! # Cost per message
+//!
+//! A push is four B-tree inserts (item, expiry index, dedup entry, dedup expiry index) and a
+//! removal two deletes; keys are fixed big-endian bytes, so the item and expiry inserts land
+//! at the right edge of their trees. The dedup entry cannot: message ids are random, so once
+//! the dedup table outgrows a commit, each push dirties about one 4 KiB page of it. Measured
+//! here (release build, same 2M x 256-byte shape, 64 MiB cache): ~250k msgs/s enqueued
+//! without dedup keys (~570 bytes written per message) but ~26k msgs/s with a random dedup
+//! id per message (~5 KB written per message). Keying dedup entries by a time the sender
+//! repeats on a resend (the envelope's `created_at_ms`) would make those inserts clustered.
 
 mod layout;
 mod redb;

@@ -150,13 +150,10 @@ where
             // Pings are answered by tungstenite itself.
             Ok(_) => continue,
             Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
+                debug!(error = %e, "websocket message over the size limit");
                 Err(ProtocolError::FrameTooLarge {
                     len: usize::MAX,
                     max: limit.get(),
-                })
-                .map_err(|err| {
-                    debug!(error = %e, "websocket message over the size limit");
-                    err
                 })
             }
             Err(_) => return,
@@ -195,14 +192,14 @@ where
                 Out::Frame(frame) => {
                     // A message holds at most one maximum frame's worth (SPEC.md 2.2), so a
                     // peer with a standard WebSocket size limit can read it.
-                    if !message.is_empty() && message.len() + frame.len() > MAX_MESSAGE {
-                        if sink
+                    if !message.is_empty()
+                        && message.len() + frame.len() > MAX_MESSAGE
+                        && sink
                             .send(Message::Binary(message.split().freeze()))
                             .await
                             .is_err()
-                        {
-                            return;
-                        }
+                    {
+                        return;
                     }
                     message.extend_from_slice(&frame);
                 }
