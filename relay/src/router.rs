@@ -38,6 +38,12 @@ const LOAD_BATCH: usize = 1024;
 const EXPIRE_BATCH: usize = 4096;
 /// How long a peer told "busy" should wait.
 pub const BUSY_RETRY_MS: u32 = 1000;
+/// Dedup entries pruned per housekeeping round (every 10 s).
+const PRUNE_BATCH: usize = 500_000;
+/// Compact at most this often, and only with every queue empty.
+const COMPACT_EVERY: Duration = Duration::from_secs(60);
+/// Compaction is worth it only above this file size.
+const COMPACT_ABOVE_BYTES: u64 = 64 << 20;
 /// The largest receive window a session may have.
 pub const MAX_WINDOW: u32 = 65_536;
 
@@ -292,6 +298,27 @@ pub struct Router {
     pending: VecDeque<Pending>,
     completions: FuturesOrdered<oneshot::Receiver<CommitResult>>,
     removing: HashSet<(QueueKey, u64)>,
+    housekeeping: Arc<AtomicBool>,
+    last_compaction: std::time::Instant,
+    disk_bytes: LatestValue,
+}
+
+/// A value written by a background job and taken by the router.
+#[derive(Clone, Default)]
+struct LatestValue(Arc<std::sync::Mutex<Option<u64>>>);
+
+impl LatestValue {
+    fn sender(&self) -> Self {
+        self.clone()
+    }
+    fn set(&self, v: u64) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(v);
+        }
+    }
+    fn take(&self) -> Option<u64> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
 }
 
 /// Settings of the router.
@@ -330,6 +357,9 @@ impl Router {
             pending: VecDeque::new(),
             completions: FuturesOrdered::new(),
             removing: HashSet::new(),
+            housekeeping: Arc::new(AtomicBool::new(false)),
+            last_compaction: std::time::Instant::now(),
+            disk_bytes: LatestValue::default(),
         };
         for state in router.store.recover()? {
             let dest = router.dests.entry(state.queue.dest.clone()).or_default();
@@ -798,16 +828,11 @@ impl Router {
     async fn on_tick(&mut self, ticks: u64) {
         let now = unix_ms();
         self.expire(now).await;
-        if ticks.is_multiple_of(10) {
-            if let Err(e) = self.store.prune_dedup(now, 100_000) {
-                warn!(error = %e, "dedup prune failed");
-            }
-            if self.max_disk_bytes > 0 {
-                match self.store.disk_bytes() {
-                    Ok(bytes) => self.disk_full = bytes >= self.max_disk_bytes,
-                    Err(e) => warn!(error = %e, "cannot read the store's size"),
-                }
-            }
+        if ticks.is_multiple_of(10) && !self.housekeeping.swap(true, Ordering::AcqRel) {
+            self.spawn_housekeeping(now);
+        }
+        if let Some(bytes) = self.disk_bytes.take() {
+            self.disk_full = self.max_disk_bytes > 0 && bytes >= self.max_disk_bytes;
         }
         for (dest, d) in &self.dests {
             self.metrics
@@ -819,6 +844,45 @@ impl Router {
                 .with_label_values(&[dest])
                 .set(d.bytes as i64);
         }
+    }
+
+    /// Dedup pruning, the disk-size check and compaction run on the blocking pool: they can
+    /// take seconds on a large store and must not stall routing. One at a time.
+    fn spawn_housekeeping(&mut self, now: u64) {
+        let store = self.store.clone();
+        let running = self.housekeeping.clone();
+        let drained = self.dests.values().all(|d| d.count == 0) && self.pending.is_empty();
+        let compact = drained && self.last_compaction.elapsed() > COMPACT_EVERY;
+        if compact {
+            self.last_compaction = std::time::Instant::now();
+        }
+        let report = self.disk_bytes.sender();
+        tokio::task::spawn_blocking(move || {
+            match store.prune_dedup(now, PRUNE_BATCH) {
+                Ok(n) if n > 0 => debug!(pruned = n, "dedup entries pruned"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "dedup prune failed"),
+            }
+            match store.disk_bytes() {
+                Ok(bytes) => {
+                    // After a surge has drained, give the space back to the file system.
+                    if compact && bytes > COMPACT_ABOVE_BYTES {
+                        match store.compact() {
+                            Ok(true) => tracing::info!(
+                                before = bytes,
+                                after = store.disk_bytes().unwrap_or(0),
+                                "store compacted after drain"
+                            ),
+                            Ok(false) => {}
+                            Err(e) => warn!(error = %e, "compaction failed"),
+                        }
+                    }
+                    report.set(store.disk_bytes().unwrap_or(bytes));
+                }
+                Err(e) => warn!(error = %e, "cannot read the store's size"),
+            }
+            running.store(false, Ordering::Release);
+        });
     }
 
     /// Removes items whose TTL passed and, in the same commit, queues an Expired notice for

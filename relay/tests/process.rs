@@ -175,3 +175,22 @@ async fn sigterm_sends_goaway_and_exits_zero() {
     );
     assert_eq!(relay.wait(Duration::from_secs(15)), Some(0));
 }
+
+#[test]
+fn bad_config_names_the_field_and_exits_non_zero() {
+    let dir = setup("[limits]\nmax_payload_bytes = 0\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .args(["serve", "--config"])
+        .arg(relay::demo::config_path(dir.path()))
+        .output()
+        .expect("relay runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("limits.max_payload_bytes"), "{stderr}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("config-example")
+        .output()
+        .expect("relay runs");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[[peers]]"));
+}
