@@ -441,7 +441,9 @@ impl Router {
                         tx,
                         window: window.min(MAX_WINDOW),
                         in_flight: HashMap::new(),
-                        next_tag: 1,
+                        // A random start, so an ack meant for an earlier session of the peer
+                        // matches nothing here instead of acknowledging the wrong frame.
+                        next_tag: rand::random::<u32>() as u64 + 1,
                     },
                 );
                 self.dispatch(&peer);

@@ -102,23 +102,14 @@ async fn message_checks_give_the_spec_codes() {
         code_of(&alpha.recv().await.unwrap()).0,
         ErrorCode::PayloadTooLarge
     );
-    // A good one is accepted; the same id again is a duplicate.
-    alpha
-        .send(&deliver(
-            &envelope([7; 16], "ali@alpha", "bo@beta", "hi"),
-            &alpha_key,
-        ))
-        .await;
+    // A good one is accepted; the same frame again (a resend) is a duplicate.
+    let good = deliver(&envelope([7; 16], "ali@alpha", "bo@beta", "hi"), &alpha_key);
+    alpha.send(&good).await;
     assert_eq!(
         code_of(&alpha.recv().await.unwrap()),
         (ErrorCode::Unspecified, false)
     );
-    alpha
-        .send(&deliver(
-            &envelope([7; 16], "ali@alpha", "bo@beta", "hi"),
-            &alpha_key,
-        ))
-        .await;
+    alpha.send(&good).await;
     assert_eq!(
         code_of(&alpha.recv().await.unwrap()),
         (ErrorCode::Unspecified, true)
