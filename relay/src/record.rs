@@ -138,25 +138,56 @@ fn take_str(buf: &mut Bytes) -> Result<String, RecordError> {
     String::from_utf8(buf.split_to(len).to_vec()).map_err(|_| RecordError("not utf-8"))
 }
 
+/// Where the parts of a stored body are, found without allocating.
+struct Layout {
+    kind: RecordKind,
+    accepted_at_ms: u64,
+    inner_start: usize,
+}
+
+fn layout(body: &[u8]) -> Result<Layout, RecordError> {
+    let truncated = RecordError("truncated");
+    let byte = |at: usize| body.get(at).copied().ok_or(truncated.clone());
+    if byte(0)? != FORMAT {
+        return Err(RecordError("unknown format"));
+    }
+    let kind = RecordKind::from_frame_field(byte(1)?).ok_or(RecordError("unknown kind"))?;
+    let to_len_at = 3 + byte(2)? as usize + 16;
+    let accepted_at = to_len_at + 1 + byte(to_len_at)? as usize;
+    let stamp: [u8; 8] = body
+        .get(accepted_at..accepted_at + 8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(truncated)?;
+    Ok(Layout {
+        kind,
+        accepted_at_ms: u64::from_be_bytes(stamp),
+        inner_start: accepted_at + 8,
+    })
+}
+
+/// When the relay accepted the stored item.
+pub fn accepted_at_ms(body: &[u8]) -> Result<u64, RecordError> {
+    Ok(layout(body)?.accepted_at_ms)
+}
+
 /// The wire frame (length prefix included) of a stored body, with delivery tag `tag`.
-pub fn to_frame(body: &Bytes, tag: u64) -> Result<(Header, Bytes), RecordError> {
-    let (header, inner) = decode(body)?;
-    let tag_len = key_len(header.kind.tag_field()) + encoded_len_varint(tag);
+pub fn to_frame(body: &Bytes, tag: u64) -> Result<Bytes, RecordError> {
+    let Layout {
+        kind, inner_start, ..
+    } = layout(body)?;
+    let inner = &body[inner_start..];
+    let tag_len = key_len(kind.tag_field()) + encoded_len_varint(tag);
     let message_len = inner.len() + tag_len;
     let frame_len =
-        key_len(header.kind.frame_field()) + encoded_len_varint(message_len as u64) + message_len;
+        key_len(kind.frame_field()) + encoded_len_varint(message_len as u64) + message_len;
     let mut out = BytesMut::with_capacity(4 + frame_len);
     out.put_u32(frame_len as u32);
-    encode_key(
-        header.kind.frame_field(),
-        WireType::LengthDelimited,
-        &mut out,
-    );
+    encode_key(kind.frame_field(), WireType::LengthDelimited, &mut out);
     encode_varint(message_len as u64, &mut out);
-    out.put_slice(&inner);
-    encode_key(header.kind.tag_field(), WireType::Varint, &mut out);
+    out.put_slice(inner);
+    encode_key(kind.tag_field(), WireType::Varint, &mut out);
     encode_varint(tag, &mut out);
-    Ok((header, out.freeze()))
+    Ok(out.freeze())
 }
 
 #[cfg(test)]
@@ -182,8 +213,9 @@ mod tests {
             accepted_at_ms: 42,
         };
         let body = encode(&header, &deliver.encode_to_vec());
-        let (h, frame) = to_frame(&body, 300).unwrap();
-        assert_eq!(h, header);
+        let frame = to_frame(&body, 300).unwrap();
+        assert_eq!(decode(&body).unwrap().0, header);
+        assert_eq!(accepted_at_ms(&body).unwrap(), 42);
         let frames = decode_message(&frame, 1 << 20).unwrap();
         assert_eq!(
             frames[0].kind,
@@ -207,7 +239,7 @@ mod tests {
             },
             &expired.encode_to_vec(),
         );
-        let (_, frame) = to_frame(&body, u64::MAX).unwrap();
+        let frame = to_frame(&body, u64::MAX).unwrap();
         assert_eq!(
             decode_message(&frame, 1 << 20).unwrap()[0].kind,
             Some(Kind::Expired(Expired {
@@ -216,5 +248,9 @@ mod tests {
             }))
         );
         assert!(decode(&Bytes::from_static(&[1, 5, 40])).is_err());
+        for cut in 0..body.len() - 1 {
+            let _ = to_frame(&body.slice(..cut), 1);
+        }
+        assert!(to_frame(&body.slice(..20), 1).is_err());
     }
 }

@@ -657,8 +657,8 @@ impl Router {
                     let lane = lane_name(item.queue.lane);
                     if delivered {
                         self.metrics.delivered.with_label_values(&[lane]).inc();
-                        if let Ok((h, _)) = record::decode(&item.body) {
-                            let secs = unix_ms().saturating_sub(h.accepted_at_ms) as f64 / 1000.0;
+                        if let Ok(accepted_at) = record::accepted_at_ms(&item.body) {
+                            let secs = unix_ms().saturating_sub(accepted_at) as f64 / 1000.0;
                             self.metrics
                                 .delivery_latency
                                 .with_label_values(&[lane])
@@ -765,7 +765,7 @@ impl Router {
                 };
                 let tag = s.next_tag;
                 let frame = match record::to_frame(&item.body, tag) {
-                    Ok((_, frame)) => frame,
+                    Ok(frame) => frame,
                     Err(e) => {
                         // Never deliver a damaged record; it stays on disk for an operator.
                         error!(dest, seq = item.seq, error = %e, "unreadable stored record skipped");
