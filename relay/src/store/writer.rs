@@ -87,22 +87,7 @@ impl Writer {
 
     /// Commits `batch` durably, grouped with whatever else is pending; one outcome per push.
     pub async fn commit(&self, batch: WriteBatch) -> Result<Vec<PushOutcome>, StoreError> {
-        // A malformed request fails here, alone, instead of failing the group it would join.
-        batch.validate()?;
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, answer) = oneshot::channel();
-        let pushes = batch.push.len();
-        self.tx
-            .send(Request {
-                batch,
-                pushes,
-                reply,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.submit(batch).await?.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Queues `batch` and returns at once with the receiver of its outcome; waits only while
