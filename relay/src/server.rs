@@ -155,11 +155,7 @@ impl Relay {
                                 reason: "connection limit reached".into(),
                                 reconnect_after_ms: 1000,
                             };
-                            conn.outbound
-                                .close(Some(federation_spec::frame::encode_kind(
-                                    federation_spec::proto::frame::Kind::Goaway(goaway),
-                                )))
-                                .await;
+                            conn.outbound.close(Some(goaway)).await;
                         });
                     }
                 }

@@ -152,6 +152,8 @@ enum End {
     Goaway(ErrorCode, String),
     /// The peer left or the connection dropped.
     Closed,
+    /// The relay drained this session after its Goaway{SHUTTING_DOWN}.
+    Drained,
 }
 
 /// Runs a connection's session to its end.
@@ -253,10 +255,14 @@ async fn finish(outbound: &Outbound, end: End, metrics: &Metrics) {
             reconnect_after_ms: 0,
         }),
         End::Closed => None,
+        End::Drained => {
+            outbound
+                .close_after_goaway(ErrorCode::ShuttingDown as u32)
+                .await;
+            return;
+        }
     };
-    outbound
-        .close(goaway.map(|g| encode_kind(Kind::Goaway(g))))
-        .await;
+    outbound.close(goaway).await;
 }
 
 async fn handshake(
@@ -434,13 +440,17 @@ impl Session {
                     }
                 }
                 _ = async { tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if drain_deadline.is_some() => {
-                    return End::Closed;
+                    return End::Drained;
                 }
             }
             if self.draining && self.answers.is_empty() {
                 // Everything the peer sent is answered; what we delivered and it did not ack
                 // stays queued and is delivered again on its next session.
-                return End::Closed;
+                return if drain_deadline.is_some() {
+                    End::Drained
+                } else {
+                    End::Closed
+                };
             }
         }
     }
@@ -654,15 +664,26 @@ impl Session {
                     self.draining = true;
                 }
                 Some(
-                    Kind::CampaignBegin(_)
+                    kind @ (Kind::CampaignBegin(_)
                     | Kind::CampaignChunk(_)
                     | Kind::CampaignEnd(_)
                     | Kind::CampaignStatusRequest(_)
-                    | Kind::CampaignCancel(_),
+                    | Kind::CampaignCancel(_)),
                 ) => {
+                    // Echo what the frame names, so the broadcaster can match the refusal.
+                    let (campaign_id, seq) = match kind {
+                        Kind::CampaignBegin(b) => (b.campaign_id, 0),
+                        Kind::CampaignChunk(c) => (c.campaign_id, c.seq),
+                        Kind::CampaignEnd(e) => (e.campaign_id, e.chunks.saturating_add(1)),
+                        Kind::CampaignStatusRequest(r) => (r.campaign_id, 0),
+                        Kind::CampaignCancel(c) => (c.campaign_id, 0),
+                        _ => (Bytes::new(), 0),
+                    };
                     let r = Rejected {
                         code: ErrorCode::NotPermitted as i32,
                         detail: "campaigns are not supported by this relay version yet".into(),
+                        campaign_id,
+                        seq,
                         ..Default::default()
                     };
                     self.send(

@@ -87,7 +87,10 @@ impl Writer {
 
     /// Commits `batch` durably, grouped with whatever else is pending; one outcome per push.
     pub async fn commit(&self, batch: WriteBatch) -> Result<Vec<PushOutcome>, StoreError> {
-        self.submit(batch).await?.await.map_err(|_| StoreError::Closed)?
+        self.submit(batch)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Queues `batch` and returns at once with the receiver of its outcome; waits only while

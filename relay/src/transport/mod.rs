@@ -12,7 +12,7 @@ pub mod ws;
 use bytes::Bytes;
 use federation_spec::ProtocolError;
 use federation_spec::handshake::ChannelBinding;
-use federation_spec::proto::{Frame, Lane};
+use federation_spec::proto::{Frame, Goaway, Lane, frame::Kind};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,11 +125,24 @@ impl Outbound {
         }
     }
 
-    /// Sends `last` (typically a Goaway), flushes what is queued, and closes the connection.
-    pub async fn close(&self, last: Option<Bytes>) {
+    /// Sends `goaway` if any, flushes what is queued, and closes the connection with the
+    /// Goaway's code as the close code (QUIC: the code; WebSocket: 4000 + the code, SPEC.md
+    /// 2.3.3), or a normal close without one.
+    pub async fn close(&self, goaway: Option<Goaway>) {
+        let code = goaway.as_ref().map(|g| g.code as u32).unwrap_or(0);
+        let last = goaway.map(|g| federation_spec::frame::encode_kind(Kind::Goaway(g)));
+        self.close_with(last, code).await;
+    }
+
+    /// Closes with `code` after a Goaway that was already sent (a drain).
+    pub async fn close_after_goaway(&self, code: u32) {
+        self.close_with(None, code).await;
+    }
+
+    async fn close_with(&self, last: Option<Bytes>, code: u32) {
         match &self.inner {
-            OutboundInner::Ws(w) => w.close(last).await,
-            OutboundInner::Quic(q) => q.close(last).await,
+            OutboundInner::Ws(w) => w.close(last, code).await,
+            OutboundInner::Quic(q) => q.close(last, code).await,
         }
     }
 

@@ -247,7 +247,7 @@ impl QuicOut {
             })
     }
 
-    pub(super) async fn close(&self, last: Option<Bytes>) {
+    pub(super) async fn close(&self, last: Option<Bytes>, code: u32) {
         if let Some(frame) = last {
             let _ = self.control.try_send(Out::Frame(frame));
         }
@@ -266,6 +266,6 @@ impl QuicOut {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.conn.closed()).await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(3), flush).await;
-        self.conn.close(0u32.into(), b"goaway");
+        self.conn.close(code.into(), b"goaway");
     }
 }

@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tracing::debug;
 
 /// Frames queued for a WebSocket peer before it counts as not reading.
@@ -176,7 +177,8 @@ where
 
 enum Out {
     Frame(Bytes),
-    Finish(oneshot::Sender<()>),
+    /// Close with this code (0: normal closure) and report when done.
+    Finish(u32, oneshot::Sender<()>),
 }
 
 async fn write<S>(mut sink: S, mut rx: mpsc::Receiver<Out>)
@@ -203,13 +205,24 @@ where
                     }
                     message.extend_from_slice(&frame);
                 }
-                Out::Finish(done) => finish = Some(done),
+                Out::Finish(code, done) => finish = Some((code, done)),
             }
         }
         if !message.is_empty() && sink.send(Message::Binary(message.freeze())).await.is_err() {
             return;
         }
-        if let Some(done) = finish {
+        if let Some((code, done)) = finish {
+            let close = match code {
+                0 => CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                },
+                code => CloseFrame {
+                    code: CloseCode::from(4000 + code as u16),
+                    reason: "goaway".into(),
+                },
+            };
+            let _ = sink.send(Message::Close(Some(close))).await;
             let _ = sink.close().await;
             let _ = done.send(());
             return;
@@ -231,12 +244,12 @@ impl WsOut {
         })
     }
 
-    pub(super) async fn close(&self, last: Option<Bytes>) {
+    pub(super) async fn close(&self, last: Option<Bytes>, code: u32) {
         if let Some(frame) = last {
             let _ = self.tx.try_send(Out::Frame(frame));
         }
         let (done, wait) = oneshot::channel();
-        if self.tx.try_send(Out::Finish(done)).is_ok() {
+        if self.tx.try_send(Out::Finish(code, done)).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(3), wait).await;
         }
     }
