@@ -706,11 +706,11 @@ fn check_negative(check: &str, bytes: &[u8]) -> Result<(), proto::ErrorCode> {
         }
         ("deliver", Some(Kind::Deliver(d))) => {
             let c = check_deliver(&d, "alpha", MAX_PAYLOAD).map_err(|r| r.error.code())?;
-            if !origin_keys("alpha").contains(&c.signer) || !signing::verify_batch(&[c.signed()])[0]
-            {
-                return Err(proto::ErrorCode::BadSignature);
+            let keys = origin_keys("alpha");
+            match c.signer_in(&keys) {
+                Some(key) if signing::verify_batch(&[c.signed(*key)])[0] => Ok(()),
+                _ => Err(proto::ErrorCode::BadSignature),
             }
-            Ok(())
         }
         ("receipt", Some(Kind::Receipt(r))) => check_receipt(&r, "alpha")
             .map(|_| ())

@@ -295,6 +295,15 @@ async fn handshake(
     }
 }
 
+/// A message that passed the checks and waits for signature verification.
+struct Candidate {
+    checked: federation_spec::message::CheckedEnvelope,
+    /// The origin's registered key it names, parsed once by the registry.
+    key: VerifyingKey,
+    /// The frame as received, stored as is.
+    deliver: Deliver,
+}
+
 /// What an answer in flight refers to.
 struct Asked {
     id: Bytes,
@@ -554,7 +563,11 @@ impl Session {
                         )?;
                         continue;
                     }
-                    if !registry.key_valid(&self.peer, &checked.signer) {
+                    let Some(key) = registry
+                        .get(&self.peer)
+                        .and_then(|p| checked.signer_in(&p.keys))
+                        .copied()
+                    else {
                         self.reject(
                             checked.lane,
                             checked.envelope.id.clone(),
@@ -564,8 +577,12 @@ impl Session {
                             false,
                         )?;
                         continue;
-                    }
-                    candidates.push(checked);
+                    };
+                    candidates.push(Candidate {
+                        checked,
+                        key,
+                        deliver: d,
+                    });
                 }
                 Some(Kind::Receipt(r)) => {
                     if let Err((code, retry, detail)) =
@@ -701,7 +718,13 @@ impl Session {
 
         if !candidates.is_empty() {
             let verified = Self::verify(&self.shared.verify, &candidates).await;
-            for (checked, ok) in candidates.into_iter().zip(verified) {
+            for (
+                Candidate {
+                    checked, deliver, ..
+                },
+                ok,
+            ) in candidates.into_iter().zip(verified)
+            {
                 if !ok {
                     self.reject(
                         checked.lane,
@@ -722,12 +745,8 @@ impl Session {
                     to: checked.envelope.to.clone(),
                     accepted_at_ms: now_ms,
                 };
-                let deliver = Deliver {
-                    envelope: checked.bytes.clone(),
-                    signature: Bytes::copy_from_slice(&checked.signature.to_bytes()),
-                    signer: Bytes::copy_from_slice(checked.signer.as_bytes()),
-                    tag: 0,
-                };
+                // Stored as it came (tag 0): signature and signer bytes are shared, not copied.
+                let deliver = Deliver { tag: 0, ..deliver };
                 items.push(Incoming {
                     dest: checked.to_platform().to_string(),
                     lane: checked.lane,
@@ -814,10 +833,7 @@ impl Session {
     }
 
     /// Verifies origin signatures by policy: all, a random sample, or none.
-    async fn verify(
-        verify: &config::Verify,
-        candidates: &[federation_spec::message::CheckedEnvelope],
-    ) -> Vec<bool> {
+    async fn verify(verify: &config::Verify, candidates: &[Candidate]) -> Vec<bool> {
         let chosen: Vec<usize> = {
             let mut rng = rand::thread_rng();
             (0..candidates.len())
@@ -835,11 +851,8 @@ impl Session {
         let owned: Vec<(Bytes, ed25519_dalek::Signature, VerifyingKey)> = chosen
             .iter()
             .map(|&i| {
-                (
-                    candidates[i].bytes.clone(),
-                    candidates[i].signature,
-                    candidates[i].signer,
-                )
+                let c = &candidates[i];
+                (c.checked.bytes.clone(), c.checked.signature, c.key)
             })
             .collect();
         let check = move || {
