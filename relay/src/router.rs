@@ -257,7 +257,8 @@ struct Session {
     peer: String,
     tx: mpsc::Sender<Delivery>,
     window: u32,
-    in_flight: HashMap<u64, (QueueKey, Item)>,
+    /// Delivered, not yet acked, by tag (the item names its queue).
+    in_flight: HashMap<u64, Item>,
     next_tag: u64,
 }
 
@@ -455,8 +456,8 @@ impl Router {
                 if let Some(d) = self.dests.get_mut(&s.peer) {
                     d.sessions.retain(|id| *id != session);
                 }
-                for (_, (qk, item)) in s.in_flight {
-                    if let Some(q) = self.queues.get_mut(&qk) {
+                for (_, item) in s.in_flight {
+                    if let Some(q) = self.queues.get_mut(&item.queue) {
                         q.in_flight.remove(&item.seq);
                         q.redeliver.insert(item.seq, item);
                     }
@@ -732,6 +733,11 @@ impl Router {
         if d.sessions.is_empty() {
             return;
         }
+        // Indexed by lane - 1; built once per call, not per pick.
+        let keys = LANES.map(|lane| QueueKey {
+            dest: dest.to_string(),
+            lane: lane as u8,
+        });
         let mut idle_rounds = 0;
         while idle_rounds < d.sessions.len() {
             let idx = d.next_session % d.sessions.len();
@@ -753,14 +759,11 @@ impl Router {
             };
             let mut sent = false;
             for lane in order {
-                let qk = QueueKey {
-                    dest: dest.to_string(),
-                    lane: lane as u8,
-                };
-                let Some(q) = self.queues.get_mut(&qk) else {
+                let qk = &keys[lane as usize - 1];
+                let Some(q) = self.queues.get_mut(qk) else {
                     continue;
                 };
-                let Some(item) = next_item(&qk, q, &*self.store, now) else {
+                let Some(item) = next_item(qk, q, &*self.store, now) else {
                     continue;
                 };
                 let tag = s.next_tag;
@@ -776,7 +779,7 @@ impl Router {
                     Ok(()) => {
                         s.next_tag += 1;
                         q.in_flight.insert(item.seq);
-                        s.in_flight.insert(tag, (qk, item));
+                        s.in_flight.insert(tag, item);
                         sent = true;
                     }
                     Err(_) => {
@@ -802,15 +805,15 @@ impl Router {
         let mut removed = Vec::with_capacity(tags.len());
         let mut batch = WriteBatch::default();
         for tag in tags {
-            let Some((qk, item)) = s.in_flight.remove(&tag) else {
+            let Some(item) = s.in_flight.remove(&tag) else {
                 debug!(peer, tag, "ack of an unknown delivery tag ignored");
                 continue;
             };
-            if let Some(q) = self.queues.get_mut(&qk) {
+            if let Some(q) = self.queues.get_mut(&item.queue) {
                 q.in_flight.remove(&item.seq);
             }
-            self.removing.insert((qk.clone(), item.seq));
-            batch.remove.push((qk, item.seq));
+            self.removing.insert((item.queue.clone(), item.seq));
+            batch.remove.push((item.queue.clone(), item.seq));
             removed.push(item);
         }
         if !batch.is_empty() {
