@@ -91,7 +91,7 @@ pub struct Config {
 
 /// Listen addresses.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Listen {
     /// QUIC, UDP.
     pub quic: Option<SocketAddr>,
@@ -121,7 +121,7 @@ impl Default for Listen {
 
 /// TLS files.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// Certificate chain, PEM.
     pub cert: PathBuf,
@@ -140,7 +140,7 @@ impl Default for Tls {
 
 /// Store settings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
     /// `redb` (default) or `sled` (when built with `--features sled`).
     pub backend: String,
@@ -212,7 +212,7 @@ pub enum VerifyPolicy {
 
 /// Verification settings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Verify {
     /// all, sample or none.
     pub policy: VerifyPolicy,
@@ -231,7 +231,7 @@ impl Default for Verify {
 
 /// Per-destination queue quota.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Quota {
     /// Messages queued for one destination, all lanes.
     pub max_messages: u64,
@@ -331,7 +331,7 @@ pub struct Admin {
 
 /// Log settings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Log {
     /// `human` or `json`.
     pub format: String,
@@ -567,6 +567,18 @@ mod tests {
         let loaded = parse(Path::new("/etc/relay/relay.toml"), EXAMPLE).unwrap();
         assert_eq!(loaded.peers.len(), 2);
         assert_eq!(loaded.data_dir, Path::new("/var/lib/relay"));
+    }
+
+    #[test]
+    fn sections_may_be_partial() {
+        let loaded = parse(
+            Path::new("r.toml"),
+            "[log]\nfilter = \"debug\"\n[store]\ncache_mb = 8\n",
+        )
+        .unwrap();
+        assert_eq!(loaded.config.log.format, "human");
+        assert_eq!(loaded.config.store.backend, "redb");
+        assert!(loaded.config.listen.quic.is_some());
     }
 
     #[test]

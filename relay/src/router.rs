@@ -36,6 +36,13 @@ pub const BUFFER_CAP: usize = 4096;
 const LOAD_BATCH: usize = 1024;
 /// Expired items handled per tick.
 const EXPIRE_BATCH: usize = 4096;
+/// How long past its expiry a delivered but un-acked item waits for its ack before the relay
+/// reports it expired anyway.
+const IN_FLIGHT_GRACE_MS: u64 = 10_000;
+/// Acked items whose removal is committed together, at the latest after [`ACK_FLUSH`].
+const ACK_BATCH: usize = 4096;
+/// The longest an acked item waits for its removal commit.
+const ACK_FLUSH: Duration = Duration::from_millis(5);
 /// How long a peer told "busy" should wait.
 pub const BUSY_RETRY_MS: u32 = 1000;
 /// Dedup entries pruned per housekeeping round (every 10 s).
@@ -238,7 +245,8 @@ struct Queue {
     spilled: bool,
     buffer: VecDeque<Item>,
     redeliver: BTreeMap<u64, Item>,
-    in_flight: HashSet<u64>,
+    /// Seqs handed to a session and not acked: which session, under which tag.
+    in_flight: HashMap<u64, (SessionId, u64)>,
     count: u64,
     bytes: u64,
 }
@@ -299,6 +307,8 @@ pub struct Router {
     pending: VecDeque<Pending>,
     completions: FuturesOrdered<oneshot::Receiver<CommitResult>>,
     removing: HashSet<(QueueKey, u64)>,
+    /// Acked items whose removal is not yet submitted.
+    acked: Vec<Item>,
     housekeeping: Arc<AtomicBool>,
     last_compaction: std::time::Instant,
     disk_bytes: LatestValue,
@@ -358,6 +368,7 @@ impl Router {
             pending: VecDeque::new(),
             completions: FuturesOrdered::new(),
             removing: HashSet::new(),
+            acked: Vec::new(),
             housekeeping: Arc::new(AtomicBool::new(false)),
             last_compaction: std::time::Instant::now(),
             disk_bytes: LatestValue::default(),
@@ -392,6 +403,8 @@ impl Router {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
+        let mut ack_flush = tokio::time::interval(ACK_FLUSH);
+        ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -405,6 +418,7 @@ impl Router {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
+                _ = ack_flush.tick(), if !self.acked.is_empty() => self.flush_acks().await,
                 _ = tick.tick() => {
                     ticks += 1;
                     self.on_tick(ticks).await;
@@ -412,6 +426,7 @@ impl Router {
             }
         }
         // Every sender is gone: finish what was submitted so no waiter is left hanging.
+        self.flush_acks().await;
         while let Some(result) = self.completions.next().await {
             let result =
                 result.unwrap_or_else(|_| Err(StoreError::Backend("store writer stopped".into())));
@@ -489,6 +504,7 @@ impl Router {
                 let _ = reply.send(all);
             }
             Command::Flush { reply } => {
+                self.flush_acks().await;
                 if self.pending.is_empty() {
                     let _ = reply.send(());
                 } else {
@@ -778,7 +794,7 @@ impl Router {
                 match s.tx.try_send(Delivery { lane, frame }) {
                     Ok(()) => {
                         s.next_tag += 1;
-                        q.in_flight.insert(item.seq);
+                        q.in_flight.insert(item.seq, (sid, tag));
                         s.in_flight.insert(tag, item);
                         sent = true;
                     }
@@ -797,13 +813,14 @@ impl Router {
         }
     }
 
+    /// Acked items leave memory at once; their removal from disk is batched (see
+    /// [`ACK_FLUSH`]): a crash before it only means a redelivery, which the destination's
+    /// dedup absorbs, and one commit for many acks halves the commits at low rates.
     async fn ack(&mut self, session: SessionId, tags: Vec<u64>) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
         let peer = s.peer.clone();
-        let mut removed = Vec::with_capacity(tags.len());
-        let mut batch = WriteBatch::default();
         for tag in tags {
             let Some(item) = s.in_flight.remove(&tag) else {
                 debug!(peer, tag, "ack of an unknown delivery tag ignored");
@@ -813,21 +830,33 @@ impl Router {
                 q.in_flight.remove(&item.seq);
             }
             self.removing.insert((item.queue.clone(), item.seq));
-            batch.remove.push((item.queue.clone(), item.seq));
-            removed.push(item);
+            self.acked.push(item);
         }
-        if !batch.is_empty() {
-            self.submit(
-                batch,
-                Pending::Remove {
-                    removed,
-                    notices: Vec::new(),
-                    delivered: true,
-                },
-            )
-            .await;
+        if self.acked.len() >= ACK_BATCH {
+            self.flush_acks().await;
         }
         self.dispatch(&peer);
+    }
+
+    /// Commits the removal of every acked item not yet removed on disk.
+    async fn flush_acks(&mut self) {
+        if self.acked.is_empty() {
+            return;
+        }
+        let removed = std::mem::take(&mut self.acked);
+        let batch = WriteBatch {
+            push: Vec::new(),
+            remove: removed.iter().map(|i| (i.queue.clone(), i.seq)).collect(),
+        };
+        self.submit(
+            batch,
+            Pending::Remove {
+                removed,
+                notices: Vec::new(),
+                delivered: true,
+            },
+        )
+        .await;
     }
 
     async fn on_tick(&mut self, ticks: u64) {
@@ -903,6 +932,7 @@ impl Router {
         let mut batch = WriteBatch::default();
         let mut removed = Vec::new();
         let mut notices = Vec::new();
+        let mut freed = HashSet::new();
         for item in expired {
             let key = (item.queue.clone(), item.seq);
             if self.removing.contains(&key) {
@@ -911,8 +941,23 @@ impl Router {
             let Some(q) = self.queues.get_mut(&item.queue) else {
                 continue;
             };
-            if q.in_flight.contains(&item.seq) {
-                continue;
+            if let Some(&(sid, tag)) = q.in_flight.get(&item.seq) {
+                // The destination may still ack it; a destination that holds a message well
+                // past its expiry without acking loses it: it is reported expired, and a late
+                // ack of its tag matches nothing.
+                if now < item.expires_at_ms.saturating_add(IN_FLIGHT_GRACE_MS) {
+                    continue;
+                }
+                q.in_flight.remove(&item.seq);
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    s.in_flight.remove(&tag);
+                }
+                freed.insert(item.queue.dest.clone());
+                warn!(
+                    dest = item.queue.dest,
+                    seq = item.seq,
+                    "delivered but never acked before expiry: reported expired"
+                );
             }
             q.buffer.retain(|i| i.seq != item.seq);
             q.redeliver.remove(&item.seq);
@@ -920,7 +965,7 @@ impl Router {
             batch.remove.push((item.queue.clone(), item.seq));
             match record::decode(&item.body) {
                 Ok((h, _))
-                    if h.kind != RecordKind::Expired
+                    if matches!(h.kind, RecordKind::Deliver | RecordKind::Bulk)
                         && self.registry.borrow().get(&h.origin).is_some() =>
                 {
                     let notice = self.notice(&h, item.queue.lane, now);
@@ -936,6 +981,9 @@ impl Router {
                 }
             }
             removed.push(item);
+        }
+        for dest in freed {
+            self.dispatch(&dest);
         }
         if !batch.is_empty() {
             debug!(expired = removed.len(), "expiring");
@@ -1009,8 +1057,11 @@ fn next_item(qk: &QueueKey, q: &mut Queue, store: &dyn Store, now: u64) -> Optio
                     if let Some(last) = items.last() {
                         q.loaded_to = last.seq;
                     }
-                    q.buffer
-                        .extend(items.into_iter().filter(|i| !q.in_flight.contains(&i.seq)));
+                    q.buffer.extend(
+                        items
+                            .into_iter()
+                            .filter(|i| !q.in_flight.contains_key(&i.seq)),
+                    );
                     if !full {
                         q.spilled = false;
                         q.loaded_to = q.loaded_to.max(q.committed_to);

@@ -119,7 +119,8 @@ impl Relay {
             RouterConfig {
                 default_quota: cfg.queue,
                 max_disk_bytes: cfg.store.max_disk_mb << 20,
-                notice_ttl_ms: cfg.lanes.chat.max_ttl_s as u64 * 1000,
+                // A notice is the only word the origin gets: keep it at least a week.
+                notice_ttl_ms: (cfg.lanes.chat.max_ttl_s as u64).max(7 * 86_400) * 1000,
             },
             metrics.clone(),
             health.store_ok.clone(),

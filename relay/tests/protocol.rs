@@ -328,3 +328,39 @@ async fn admin_endpoints() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_delivery_never_acked_is_reported_expired_after_the_grace() {
+    let relay = InProcess::start("[lanes.call]\ndefault_ttl_s = 1\nmax_ttl_s = 1\n").await;
+    let alpha_key = key(relay.dir.path(), "alpha").secret;
+    let mut alpha = peer(&relay, "alpha").await;
+    let mut beta = peer(&relay, "beta").await;
+    let mut env = envelope([0x44; 16], "ali@alpha", "bo@beta", "ring");
+    env.lane = Lane::Call as i32;
+    alpha.send(&deliver(&env, &alpha_key)).await;
+    assert_eq!(
+        code_of(&alpha.recv().await.unwrap()).0,
+        ErrorCode::Unspecified
+    );
+    // beta takes the delivery and never acks it.
+    assert!(matches!(
+        beta.recv().await.unwrap().kind,
+        Some(Kind::Deliver(_))
+    ));
+    // TTL 1 s plus the 10 s grace: alpha hears that its message expired.
+    let started = std::time::Instant::now();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), alpha.recv())
+            .await
+            .expect("notice within 20 s")
+            .expect("open");
+        if let Some(Kind::Expired(e)) = frame.kind {
+            assert_eq!((e.id[0], e.to.as_str()), (0x44, "bo@beta"));
+            break;
+        }
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "not before the grace"
+    );
+}

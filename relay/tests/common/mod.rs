@@ -255,16 +255,16 @@ impl RawPeer {
             .await;
     }
 
-    /// The next frame, None when the connection closed (waits at most 10 s).
+    /// The next frame, None when the connection closed (waits at most 30 s).
     pub async fn recv(&mut self) -> Option<federation_spec::proto::Frame> {
         use futures_util::StreamExt;
         if let Some(f) = self.pending.pop_front() {
             return Some(f);
         }
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+            let msg = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
                 .await
-                .expect("relay answers within 10 s")?;
+                .expect("relay answers within 30 s")?;
             match msg {
                 Ok(tokio_tungstenite::tungstenite::Message::Binary(data)) => {
                     let frames = federation_spec::frame::decode_message(&data, 1 << 24)
