@@ -192,7 +192,7 @@ where
         for out in batch.drain(..) {
             match out {
                 Out::Frame(frame) => {
-                    // A message holds at most one maximum frame's worth (SPEC.md 2.2), so a
+                    // A message holds at most one maximum frame's worth (SPEC.md 2.3), so a
                     // peer with a standard WebSocket size limit can read it.
                     if !message.is_empty()
                         && message.len() + frame.len() > MAX_MESSAGE
