@@ -529,19 +529,18 @@ impl Session {
             let name = kind_name(&frame);
             match frame.kind {
                 Some(Kind::Deliver(d)) => {
-                    let lane_hint = envelope_lane(&d);
-                    let id = envelope_id(&d);
                     if let Err((code, retry, detail)) =
                         self.admit(Role::Platform, candidates.len() + items.len(), now)
                     {
-                        self.reject(lane_hint, id, code, retry, detail, false)?;
+                        let (lane, id) = envelope_hint(&d);
+                        self.reject(lane, id, code, retry, detail, false)?;
                         continue;
                     }
                     let checked = match check_deliver(&d, &self.peer, max_payload) {
                         Ok(c) => c,
                         Err(r) => {
                             self.reject(
-                                lane_hint,
+                                envelope_hint(&d).0,
                                 r.id,
                                 r.error.code(),
                                 0,
@@ -948,17 +947,13 @@ impl Session {
     }
 }
 
-fn envelope_lane(d: &Deliver) -> Lane {
-    federation_spec::proto::Envelope::decode(d.envelope.clone())
-        .ok()
-        .and_then(|e| lane::from_wire(e.lane))
-        .unwrap_or(Lane::Chat)
-}
-
-fn envelope_id(d: &Deliver) -> Bytes {
-    federation_spec::proto::Envelope::decode(d.envelope.clone())
-        .map(|e| e.id)
-        .unwrap_or_default()
+/// The lane (to answer on) and id (to name) of a refused Deliver, as far as its envelope can
+/// be read. Only refusals pay for this extra decode.
+fn envelope_hint(d: &Deliver) -> (Lane, Bytes) {
+    match federation_spec::proto::Envelope::decode(d.envelope.clone()) {
+        Ok(e) => (lane::from_wire(e.lane).unwrap_or(Lane::Chat), e.id),
+        Err(_) => (Lane::Chat, Bytes::new()),
+    }
 }
 
 /// The store's dedup key of a message: `created_at_ms` then the first half of the id.
