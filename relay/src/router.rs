@@ -319,9 +319,6 @@ pub struct Router {
 struct LatestValue(Arc<std::sync::Mutex<Option<u64>>>);
 
 impl LatestValue {
-    fn sender(&self) -> Self {
-        self.clone()
-    }
     fn set(&self, v: u64) {
         if let Ok(mut slot) = self.0.lock() {
             *slot = Some(v);
@@ -890,7 +887,7 @@ impl Router {
         if compact {
             self.last_compaction = std::time::Instant::now();
         }
-        let report = self.disk_bytes.sender();
+        let report = self.disk_bytes.clone();
         tokio::task::spawn_blocking(move || {
             match store.prune_dedup(now, PRUNE_BATCH) {
                 Ok(n) if n > 0 => debug!(pruned = n, "dedup entries pruned"),
