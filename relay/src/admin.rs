@@ -1,5 +1,5 @@
 //! The admin HTTP API: probes for the orchestrator, Prometheus metrics, and a read-only JSON
-//! view of peers and queues for operators.
+//! view of peers, queues and campaigns for operators.
 //!
 //! Loopback clients are served as they are. Any other client needs `Authorization: Bearer
 //! <admin.token>`; without a configured token the API answers loopback only. Refusals are
@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::registry::RegistryWatch;
 use crate::router::RouterHandle;
 use crate::session::Shared;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -73,6 +73,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/peers", get(peers))
         .route("/v1/queues", get(queues))
+        .route("/v1/campaigns", get(campaigns))
+        .route("/v1/campaigns/{id}", get(campaign))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -189,6 +191,31 @@ async fn peers(State(state): State<Arc<AdminState>>) -> Json<Vec<PeerView>> {
 async fn queues(State(state): State<Arc<AdminState>>) -> Response {
     match state.router.snapshot().await {
         Ok(q) => Json(q).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "router stopped\n").into_response(),
+    }
+}
+
+/// Every campaign the relay keeps, newest first.
+async fn campaigns(State(state): State<Arc<AdminState>>) -> Response {
+    match state.router.campaigns(None).await {
+        Ok(c) => Json(c).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "router stopped\n").into_response(),
+    }
+}
+
+/// One campaign by its id (32 hex digits).
+async fn campaign(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+    let Some(id) = hex::decode(&id)
+        .ok()
+        .and_then(|b| <[u8; 16]>::try_from(b.as_slice()).ok())
+    else {
+        return (StatusCode::BAD_REQUEST, "a campaign id is 32 hex digits\n").into_response();
+    };
+    match state.router.campaigns(Some(id)).await {
+        Ok(mut c) => match c.pop() {
+            Some(view) => Json(view).into_response(),
+            None => (StatusCode::NOT_FOUND, "no such campaign\n").into_response(),
+        },
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "router stopped\n").into_response(),
     }
 }

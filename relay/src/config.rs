@@ -78,6 +78,9 @@ pub struct Config {
     /// Lane TTLs.
     #[serde(default)]
     pub lanes: Lanes,
+    /// Campaign quotas and reporting.
+    #[serde(default)]
+    pub campaigns: Campaigns,
     /// Admin API.
     #[serde(default)]
     pub admin: Admin,
@@ -321,6 +324,53 @@ impl Lanes {
     }
 }
 
+/// Campaign defaults; a peer's own entry overrides its quotas.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Campaigns {
+    /// Recipients per second the relay sends a platform on the bulk lane (0: no limit).
+    pub max_bulk_rate: u32,
+    /// Recipients one campaign may have.
+    pub max_campaign_recipients: u64,
+    /// Campaigns of one broadcaster not yet finished.
+    pub max_campaigns_in_flight: u32,
+    /// Recipients per second a broadcaster's chunks may add.
+    pub max_recipients_per_s: u32,
+    /// Most recipients in one CampaignChunk (announced in Welcome).
+    pub max_chunk_recipients: u32,
+    /// How often the status of an unfinished campaign is pushed to its broadcaster.
+    pub status_interval_ms: u64,
+    /// How long a finished campaign's status is kept.
+    pub retention_s: u64,
+}
+
+impl Default for Campaigns {
+    fn default() -> Self {
+        Self {
+            max_bulk_rate: 100_000,
+            max_campaign_recipients: 20_000_000,
+            max_campaigns_in_flight: 8,
+            max_recipients_per_s: 500_000,
+            max_chunk_recipients: 10_000,
+            status_interval_ms: 1000,
+            retention_s: 86_400,
+        }
+    }
+}
+
+/// A peer's campaign quotas, resolved against [`Campaigns`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkQuota {
+    /// As a destination: recipients per second it accepts (0: no limit).
+    pub max_bulk_rate: u32,
+    /// As a broadcaster: recipients per campaign.
+    pub max_campaign_recipients: u64,
+    /// As a broadcaster: campaigns not yet finished.
+    pub max_campaigns_in_flight: u32,
+    /// As a broadcaster: recipients per second.
+    pub max_recipients_per_s: u32,
+}
+
 /// Admin API settings.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -364,6 +414,14 @@ pub struct PeerConfig {
     pub max_queue_messages: Option<u64>,
     /// Queue quota in bytes; default `[queue]`.
     pub max_queue_bytes: Option<u64>,
+    /// Platform: bulk recipients per second it accepts; default `campaigns.max_bulk_rate`.
+    pub max_bulk_rate: Option<u32>,
+    /// Broadcaster: recipients per campaign; default `campaigns.max_campaign_recipients`.
+    pub max_campaign_recipients: Option<u64>,
+    /// Broadcaster: unfinished campaigns; default `campaigns.max_campaigns_in_flight`.
+    pub max_campaigns_in_flight: Option<u32>,
+    /// Broadcaster: recipients per second; default `campaigns.max_recipients_per_s`.
+    pub max_recipients_per_s: Option<u32>,
 }
 
 /// A peer as the relay uses it, after checks.
@@ -379,6 +437,8 @@ pub struct Peer {
     pub max_msgs_per_s: u32,
     /// Quota for messages to it.
     pub quota: Quota,
+    /// Campaign quotas.
+    pub bulk: BulkQuota,
 }
 
 impl PartialEq for Quota {
@@ -503,6 +563,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
         ));
     }
 
+    let c = config.campaigns;
+    if c.max_chunk_recipients == 0 {
+        return Err(invalid(
+            "campaigns.max_chunk_recipients".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if c.status_interval_ms < 100 {
+        return Err(invalid(
+            "campaigns.status_interval_ms".into(),
+            "must be at least 100".into(),
+        ));
+    }
     let mut seen = HashSet::new();
     let mut peers = Vec::with_capacity(config.peers.len());
     for (i, p) in config.peers.iter().enumerate() {
@@ -544,6 +617,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
             quota: Quota {
                 max_messages: p.max_queue_messages.unwrap_or(config.queue.max_messages),
                 max_bytes: p.max_queue_bytes.unwrap_or(config.queue.max_bytes),
+            },
+            bulk: BulkQuota {
+                max_bulk_rate: p.max_bulk_rate.unwrap_or(c.max_bulk_rate),
+                max_campaign_recipients: p
+                    .max_campaign_recipients
+                    .unwrap_or(c.max_campaign_recipients),
+                max_campaigns_in_flight: p
+                    .max_campaigns_in_flight
+                    .unwrap_or(c.max_campaigns_in_flight),
+                max_recipients_per_s: p.max_recipients_per_s.unwrap_or(c.max_recipients_per_s),
             },
         });
     }

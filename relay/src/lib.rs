@@ -10,6 +10,7 @@
 //! - [`server`]: assembles it all; [`registry`]: who may connect.
 
 pub mod admin;
+pub mod campaign;
 pub mod config;
 pub mod demo;
 pub mod metrics;

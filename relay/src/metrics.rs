@@ -33,6 +33,10 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     /// Admin requests refused (non-loopback without the token).
     pub admin_denied: IntCounterVec,
+    /// Campaign recipients by outcome: accepted, rejected, delivered, expired, cancelled.
+    pub campaign_recipients: IntCounterVec,
+    /// Campaigns known to the relay, by state.
+    pub campaigns: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -131,6 +135,16 @@ impl Metrics {
                 "relay_admin_denied_total",
                 "Admin requests refused.",
                 &["reason"],
+            ),
+            campaign_recipients: counter(
+                "relay_campaign_recipients_total",
+                "Campaign recipients by outcome (accepted, rejected, delivered, expired, cancelled).",
+                &["outcome"],
+            ),
+            campaigns: gauge(
+                "relay_campaigns",
+                "Campaigns kept by the relay, by state.",
+                &["state"],
             ),
             registry,
         }

@@ -172,12 +172,18 @@ pub fn accepted_at_ms(body: &[u8]) -> Result<u64, RecordError> {
 
 /// The wire frame (length prefix included) of a stored body, with delivery tag `tag`.
 pub fn to_frame(body: &Bytes, tag: u64) -> Result<Bytes, RecordError> {
+    to_frame_with(body, tag, &[])
+}
+
+/// [`to_frame`] with `extra` encoded fields appended to the inner message (a campaign's
+/// envelope on the first BulkDeliver of a session).
+pub fn to_frame_with(body: &Bytes, tag: u64, extra: &[u8]) -> Result<Bytes, RecordError> {
     let Layout {
         kind, inner_start, ..
     } = layout(body)?;
     let inner = &body[inner_start..];
     let tag_len = key_len(kind.tag_field()) + encoded_len_varint(tag);
-    let message_len = inner.len() + tag_len;
+    let message_len = inner.len() + extra.len() + tag_len;
     let frame_len =
         key_len(kind.frame_field()) + encoded_len_varint(message_len as u64) + message_len;
     let mut out = BytesMut::with_capacity(4 + frame_len);
@@ -185,6 +191,7 @@ pub fn to_frame(body: &Bytes, tag: u64) -> Result<Bytes, RecordError> {
     encode_key(kind.frame_field(), WireType::LengthDelimited, &mut out);
     encode_varint(message_len as u64, &mut out);
     out.put_slice(inner);
+    out.put_slice(extra);
     encode_key(kind.tag_field(), WireType::Varint, &mut out);
     encode_varint(tag, &mut out);
     Ok(out.freeze())

@@ -7,12 +7,14 @@
 //! messages came. A session never blocks on its peer: outbound queues are bounded and a peer
 //! that does not read is disconnected.
 
+use crate::campaign::CampaignRecord;
 use crate::config::{self, VerifyPolicy};
 use crate::metrics::Metrics;
 use crate::record::{self, Header, RecordKind};
 use crate::registry::RegistryWatch;
 use crate::router::{
-    Delivery, Incoming, IngestOutcome, MAX_WINDOW, RouterHandle, SessionId, unix_ms,
+    CampaignRequest, Delivery, Incoming, IngestOutcome, MAX_WINDOW, RouterHandle, SessionId,
+    unix_ms,
 };
 use crate::store::DedupKey;
 use crate::transport::{Connection, Inbound, Outbound, TransportKind};
@@ -20,13 +22,13 @@ use bytes::Bytes;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use federation_spec::frame::{encode_kind, kind_name};
 use federation_spec::handshake::{Authenticated, ChannelBinding, ServerHandshake, ServerStep};
-use federation_spec::message::{check_deliver, check_receipt};
+use federation_spec::message::{check_campaign_begin, check_deliver, check_receipt};
 use federation_spec::proto::{
     Accepted, Deliver, ErrorCode, Frame, Goaway, Lane, Limits, Pong, Rejected, Role, Welcome,
     frame::Kind,
 };
 use federation_spec::{ProtocolError, lane, signing};
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use prost::Message;
 use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
@@ -59,6 +61,8 @@ pub struct Shared {
     pub limits: config::Limits,
     /// Lane TTLs.
     pub lanes: config::Lanes,
+    /// Campaign settings.
+    pub campaigns: config::Campaigns,
     /// Verification policy.
     pub verify: config::Verify,
     /// Becomes true when the relay drains.
@@ -90,6 +94,7 @@ impl Shared {
             metrics,
             limits: config.limits.clone(),
             lanes: config.lanes,
+            campaigns: config.campaigns,
             verify: config.verify.clone(),
             shutdown,
             rates: Mutex::new(HashMap::new()),
@@ -328,6 +333,8 @@ struct Session {
     /// Deliver/Receipt frames not yet answered.
     unanswered: usize,
     answers: FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>>,
+    /// Campaign frames handed to the router, answered as their steps complete.
+    campaign_answers: FuturesUnordered<oneshot::Receiver<Kind>>,
     draining: bool,
 }
 
@@ -354,6 +361,7 @@ impl Session {
             window,
             unanswered: 0,
             answers: FuturesOrdered::new(),
+            campaign_answers: FuturesUnordered::new(),
             draining: false,
         }
     }
@@ -377,7 +385,7 @@ impl Session {
                         .map(|p| p.max_msgs_per_s)
                         .unwrap_or(l.max_msgs_per_s),
                     idle_timeout_ms: l.idle_timeout_ms as u32,
-                    max_chunk_recipients: 10_000,
+                    max_chunk_recipients: self.shared.campaigns.max_chunk_recipients,
                     receive_window: self.window,
                 }),
                 lanes: lane::LANES
@@ -424,8 +432,22 @@ impl Session {
                     }
                 }
                 Some(answer) = self.answers.next(), if !self.answers.is_empty() => self.on_answer(answer),
+                Some(answer) = self.campaign_answers.next(), if !self.campaign_answers.is_empty() => {
+                    let kind = answer.unwrap_or_else(|_| Kind::Rejected(Rejected {
+                        code: ErrorCode::ShuttingDown as i32,
+                        retry_after_ms: 1000,
+                        detail: "relay stopping".into(),
+                        ..Default::default()
+                    }));
+                    if let Kind::Rejected(r) = &kind {
+                        self.count_campaign_refusal(r);
+                    }
+                    if let Err(end) = self.send(None, &Frame { kind: Some(kind) }) {
+                        return end;
+                    }
+                }
                 Some(d) = deliveries.recv() => {
-                    if let Err(e) = self.outbound.send(Some(d.lane), d.frame) {
+                    if let Err(e) = self.outbound.send(d.lane, d.frame) {
                         warn!(session = self.id, peer = self.peer, error = %e, "peer not reading; closing");
                         return End::Goaway(ErrorCode::FlowControl, "outbound queue full: the peer does not read".into());
                     }
@@ -452,7 +474,7 @@ impl Session {
                     return End::Drained;
                 }
             }
-            if self.draining && self.answers.is_empty() {
+            if self.draining && self.answers.is_empty() && self.campaign_answers.is_empty() {
                 // Everything the peer sent is answered; what we delivered and it did not ack
                 // stays queued and is delivered again on its next session.
                 return if drain_deadline.is_some() {
@@ -685,30 +707,28 @@ impl Session {
                     | Kind::CampaignEnd(_)
                     | Kind::CampaignStatusRequest(_)
                     | Kind::CampaignCancel(_)),
-                ) => {
-                    // Echo what the frame names, so the broadcaster can match the refusal.
-                    let (campaign_id, seq) = match kind {
-                        Kind::CampaignBegin(b) => (b.campaign_id, 0),
-                        Kind::CampaignChunk(c) => (c.campaign_id, c.seq),
-                        Kind::CampaignEnd(e) => (e.campaign_id, e.chunks.saturating_add(1)),
-                        Kind::CampaignStatusRequest(r) => (r.campaign_id, 0),
-                        Kind::CampaignCancel(c) => (c.campaign_id, 0),
-                        _ => (Bytes::new(), 0),
-                    };
-                    let r = Rejected {
-                        code: ErrorCode::NotPermitted as i32,
-                        detail: "campaigns are not supported by this relay version yet".into(),
-                        campaign_id,
-                        seq,
-                        ..Default::default()
-                    };
-                    self.send(
-                        None,
-                        &Frame {
-                            kind: Some(Kind::Rejected(r)),
-                        },
-                    )?;
-                }
+                ) => match self.campaign_request(kind, now_ms, &registry) {
+                    Ok(request) => {
+                        let rx = self
+                            .shared
+                            .router
+                            .campaign(self.peer.clone(), request)
+                            .await
+                            .map_err(|_| {
+                                End::Goaway(ErrorCode::ShuttingDown, "relay stopping".into())
+                            })?;
+                        self.campaign_answers.push(rx);
+                    }
+                    Err(r) => {
+                        self.count_campaign_refusal(&r);
+                        self.send(
+                            None,
+                            &Frame {
+                                kind: Some(Kind::Rejected(r)),
+                            },
+                        )?;
+                    }
+                },
                 // Unknown frame kinds are ignored after the handshake (forward compatibility).
                 None => {}
                 Some(_) => return Err(End::Protocol(ProtocolError::UnexpectedFrame(name))),
@@ -775,6 +795,147 @@ impl Session {
                 .push_back(Box::pin(async move { (asked, now, rx.await) }));
         }
         Ok(())
+    }
+
+    /// The checks a session makes of a campaign frame before the router sees it (SPEC.md
+    /// 9.1-9.3): role, flow control, ids, the Begin's envelope and signature.
+    fn campaign_request(
+        &self,
+        kind: Kind,
+        now_ms: u64,
+        registry: &crate::registry::Registry,
+    ) -> Result<CampaignRequest, Rejected> {
+        // Echo what the frame names, so the broadcaster can match the refusal.
+        let (campaign_id, seq) = match &kind {
+            Kind::CampaignBegin(b) => (b.campaign_id.clone(), 0),
+            Kind::CampaignChunk(c) => (c.campaign_id.clone(), c.seq),
+            Kind::CampaignEnd(e) => (e.campaign_id.clone(), e.chunks.saturating_add(1)),
+            Kind::CampaignStatusRequest(r) => (r.campaign_id.clone(), 0),
+            Kind::CampaignCancel(c) => (c.campaign_id.clone(), 0),
+            _ => (Bytes::new(), 0),
+        };
+        let refuse = |code: ErrorCode, retry_after_ms: u32, detail: String| Rejected {
+            code: code as i32,
+            retry_after_ms,
+            detail,
+            campaign_id: campaign_id.clone(),
+            seq,
+            ..Default::default()
+        };
+        if self.draining {
+            return Err(refuse(
+                ErrorCode::ShuttingDown,
+                1000,
+                "relay draining".into(),
+            ));
+        }
+        if self.role != Role::Broadcaster {
+            return Err(refuse(
+                ErrorCode::NotPermitted,
+                0,
+                "only broadcasters may send campaign frames".into(),
+            ));
+        }
+        if self.campaign_answers.len() >= self.shared.limits.max_inflight as usize {
+            return Err(refuse(
+                ErrorCode::FlowControl,
+                0,
+                format!(
+                    "more than {} campaign frames unanswered",
+                    self.shared.limits.max_inflight
+                ),
+            ));
+        }
+        let Ok(id) = <[u8; 16]>::try_from(campaign_id.as_ref()) else {
+            return Err(refuse(
+                ErrorCode::InvalidMessage,
+                0,
+                "campaign_id must be 16 bytes".into(),
+            ));
+        };
+        Ok(match kind {
+            Kind::CampaignBegin(b) => {
+                let max_payload = self.shared.limits.max_payload_bytes as usize;
+                let checked = check_campaign_begin(&b, &self.peer, max_payload)
+                    .map_err(|r| refuse(r.error.code(), 0, r.error.to_string()))?;
+                let key = registry
+                    .get(&self.peer)
+                    .and_then(|p| checked.signer_in(&p.keys))
+                    .ok_or_else(|| {
+                        refuse(
+                            ErrorCode::BadSignature,
+                            0,
+                            "the signer is not a registered key of this broadcaster".into(),
+                        )
+                    })?;
+                let verified = signing::verify_batch(&[signing::SignedEnvelope {
+                    envelope: &checked.bytes,
+                    signature: checked.signature,
+                    signer: *key,
+                }]);
+                if verified != [true] {
+                    return Err(refuse(
+                        ErrorCode::BadSignature,
+                        0,
+                        "origin signature does not verify".into(),
+                    ));
+                }
+                let policy = self.shared.lanes.policy(Lane::Bulk);
+                let ttl_ms = policy.effective(checked.envelope.ttl_s) as u64 * 1000;
+                CampaignRequest::Begin {
+                    id,
+                    record: CampaignRecord {
+                        owner: self.peer.clone(),
+                        label: b.label,
+                        envelope: b.envelope,
+                        signature: b.signature,
+                        signer: b.signer,
+                        accepted_at_ms: now_ms,
+                        expires_at_ms: now_ms + ttl_ms,
+                        ..Default::default()
+                    },
+                }
+            }
+            Kind::CampaignChunk(c) => {
+                let max = self.shared.campaigns.max_chunk_recipients as usize;
+                if c.recipients.len() > max {
+                    return Err(refuse(
+                        ErrorCode::InvalidMessage,
+                        0,
+                        format!("more than {max} recipients in one chunk"),
+                    ));
+                }
+                CampaignRequest::Chunk {
+                    id,
+                    seq: c.seq,
+                    recipients: c.recipients,
+                }
+            }
+            Kind::CampaignEnd(e) => CampaignRequest::End {
+                id,
+                chunks: e.chunks,
+            },
+            Kind::CampaignStatusRequest(_) => CampaignRequest::Status { id },
+            _ => CampaignRequest::Cancel { id },
+        })
+    }
+
+    fn count_campaign_refusal(&self, r: &Rejected) {
+        let code = ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Internal);
+        self.shared
+            .metrics
+            .rejected
+            .with_label_values(&["bulk", code.as_str_name()])
+            .inc();
+        debug!(
+            session = self.id,
+            peer = self.peer,
+            campaign = hex::encode(&r.campaign_id),
+            seq = r.seq,
+            code = code.as_str_name(),
+            detail = r.detail,
+            "campaign frame refused"
+        );
     }
 
     /// Role, flow control and rate checks of one more message in this batch.

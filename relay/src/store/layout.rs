@@ -13,6 +13,7 @@
 //! | expiry          | expires_at_ms · pid · lane · seq      | (empty)                      |
 //! | dedup           | origin pid · message id               | expires_at_ms                |
 //! | dedup expiry    | expires_at_ms · origin pid · msg id   | (empty)                      |
+//! | meta            | caller's key (campaign records)       | caller's value               |
 //!
 //! A push costs four inserts (item, its expiry entry, the dedup entry and its expiry entry, the
 //! last two only with a dedup key); a remove costs two deletes. The queue counters are written
@@ -235,6 +236,8 @@ pub(crate) trait Txn {
         expires_at_ms: u64,
     ) -> Result<Option<u64>, StoreError>;
     fn dedup_expiry_put(&mut self, key: &DedupExpiryKey) -> Result<(), StoreError>;
+    fn meta_put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn meta_remove(&mut self, key: &[u8]) -> Result<(), StoreError>;
 }
 
 struct QueueSlot {
@@ -398,6 +401,12 @@ pub(crate) fn apply<T: Txn>(
     }
     for slot in touched.queues.iter().filter(|s| s.dirty) {
         tx.queue_put(&queue_key(slot.pid, slot.lane), &slot.meta)?;
+    }
+    for (key, value) in &batch.meta {
+        match value {
+            Some(v) => tx.meta_put(key, v)?,
+            None => tx.meta_remove(key)?,
+        }
     }
     Ok(outcomes)
 }

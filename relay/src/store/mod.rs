@@ -24,6 +24,9 @@
 //! - **Bounded memory.** Items stay on disk; the engine's page cache is capped by
 //!   [`StoreConfig::cache_bytes`], reads return at most `limit` items, and the writer caps a
 //!   transaction at [`writer::MAX_PUSHES_PER_COMMIT`] pushes.
+//! - **Metadata in the same commits.** Small keyed records (campaign state) are written by
+//!   the same atomic commits as the items they describe, so counters never disagree with the
+//!   queues after a crash; [`Store::meta_scan`] reads them back at start.
 //! - **Refuses damaged files.** A corrupt or truncated file at open is
 //!   [`StoreError::Corrupt`], never an empty store started over it.
 //!
@@ -101,17 +104,23 @@ pub struct NewItem {
     pub dedup: Option<DedupKey>,
 }
 
-/// A batch applied atomically and durably by one commit: pushes in order, then removes.
+/// The longest key of a metadata record.
+pub const MAX_META_KEY: usize = 128;
+
+/// A batch applied atomically and durably by one commit: pushes in order, then removes, then
+/// metadata writes in order.
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
     pub push: Vec<NewItem>,
     pub remove: Vec<(QueueKey, u64 /*seq*/)>,
+    /// Small records kept beside the queues (campaign state): `Some` writes, `None` deletes.
+    pub meta: Vec<(Bytes, Option<Bytes>)>,
 }
 
 impl WriteBatch {
     /// Whether the batch has nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.push.is_empty() && self.remove.is_empty()
+        self.push.is_empty() && self.remove.is_empty() && self.meta.is_empty()
     }
 
     /// Checks every key, so that a bad request fails alone before reaching a transaction.
@@ -135,6 +144,14 @@ impl WriteBatch {
         }
         for (queue, _) in &self.remove {
             check_queue(queue)?;
+        }
+        for (key, _) in &self.meta {
+            if key.is_empty() || key.len() > MAX_META_KEY {
+                return Err(StoreError::Invalid(format!(
+                    "metadata key of {} bytes (1..={MAX_META_KEY})",
+                    key.len()
+                )));
+            }
         }
         Ok(())
     }
@@ -249,6 +266,8 @@ pub trait Store: Send + Sync + 'static {
     fn compact(&self) -> Result<bool, StoreError>;
     /// Bytes the store occupies on disk.
     fn disk_bytes(&self) -> Result<u64, StoreError>;
+    /// Every metadata record whose key starts with `prefix`, in key order.
+    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, StoreError>;
 }
 
 /// Where and how to open a store.

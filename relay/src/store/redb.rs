@@ -24,6 +24,8 @@ use super::layout::{
     self, DedupExpiryKey, DedupKeyBytes, ExpiryKey, ITEM_HEADER_LEN, ItemKey, ItemsBuilder,
     NameCache, Pid, QueueKeyBytes, QueueMeta, Txn,
 };
+use bytes::Bytes;
+
 use super::{Item, PushOutcome, QueueKey, QueueState, Store, StoreError, WriteBatch, unix_ms};
 
 type MetaBytes = [u8; layout::QUEUE_META_LEN];
@@ -36,6 +38,7 @@ const EXPIRY: TableDefinition<&ExpiryKey, ()> = TableDefinition::new("expiry");
 const DEDUP: TableDefinition<&DedupKeyBytes, u64> = TableDefinition::new("dedup");
 const DEDUP_EXPIRY: TableDefinition<&DedupExpiryKey, ()> = TableDefinition::new("dedup_expiry");
 const INFO: TableDefinition<&str, u64> = TableDefinition::new("info");
+const META: TableDefinition<&[u8], &[u8]> = TableDefinition::new("meta");
 
 /// Version of the layout in `layout.rs`, checked at open.
 const FORMAT_VERSION: u64 = 1;
@@ -322,6 +325,25 @@ impl Store for RedbStore {
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         Ok(fs::metadata(&self.file).map_err(StoreError::from_io)?.len())
     }
+
+    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        self.with_db(|db| {
+            let txn = self.begin_read(db)?;
+            let meta = txn.open_table(META).map_err(from_table)?;
+            let mut out = Vec::new();
+            for entry in meta.range::<&[u8]>(prefix..).map_err(from_storage)? {
+                let (k, v) = entry.map_err(from_storage)?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((
+                    Bytes::copy_from_slice(k.value()),
+                    Bytes::copy_from_slice(v.value()),
+                ));
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// The tables of one write transaction.
@@ -333,6 +355,7 @@ struct RedbTxn<'t> {
     expiry: Table<'t, &'static ExpiryKey, ()>,
     dedup: Table<'t, &'static DedupKeyBytes, u64>,
     dedup_expiry: Table<'t, &'static DedupExpiryKey, ()>,
+    meta: Table<'t, &'static [u8], &'static [u8]>,
     /// Reused to lay out item values without an allocation per item.
     scratch: Vec<u8>,
 }
@@ -347,6 +370,7 @@ impl<'t> RedbTxn<'t> {
             expiry: txn.open_table(EXPIRY).map_err(from_table)?,
             dedup: txn.open_table(DEDUP).map_err(from_table)?,
             dedup_expiry: txn.open_table(DEDUP_EXPIRY).map_err(from_table)?,
+            meta: txn.open_table(META).map_err(from_table)?,
             scratch: Vec::new(),
         })
     }
@@ -443,6 +467,16 @@ impl Txn for RedbTxn<'_> {
 
     fn dedup_expiry_put(&mut self, key: &DedupExpiryKey) -> Result<(), StoreError> {
         self.dedup_expiry.insert(key, ()).map_err(from_storage)?;
+        Ok(())
+    }
+
+    fn meta_put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.meta.insert(key, value).map_err(from_storage)?;
+        Ok(())
+    }
+
+    fn meta_remove(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.meta.remove(key).map_err(from_storage)?;
         Ok(())
     }
 }

@@ -23,6 +23,8 @@ use super::layout::{
     self, DedupExpiryKey, DedupKeyBytes, ExpiryKey, ITEM_HEADER_LEN, ItemKey, ItemsBuilder,
     NameCache, Pid, QueueKeyBytes, QueueMeta, Txn,
 };
+use bytes::Bytes;
+
 use super::{Item, PushOutcome, QueueKey, QueueState, Store, StoreError, WriteBatch, unix_ms};
 
 const PEER: u8 = b'p';
@@ -32,6 +34,7 @@ const ITEM: u8 = b'i';
 const EXPIRY: u8 = b'e';
 const DEDUP: u8 = b'd';
 const DEDUP_EXPIRY: u8 = b'x';
+const META: u8 = b'm';
 const INFO_FORMAT: &[u8] = b"vformat";
 
 /// Version of the layout in `layout.rs`, checked at open.
@@ -300,6 +303,15 @@ impl Store for SledStore {
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.db.size_on_disk().map_err(|e| self.err(e))
     }
+
+    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.db.scan_prefix(meta_key(prefix)) {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            out.push((Bytes::copy_from_slice(&k[1..]), Bytes::copy_from_slice(&v)));
+        }
+        Ok(out)
+    }
 }
 
 fn item_key_of(k: &[u8]) -> Option<ItemKey> {
@@ -474,6 +486,24 @@ impl Txn for SledTxn<'_> {
             .insert(Key::new(DEDUP_EXPIRY, &[key]).as_ref(), &[]);
         Ok(())
     }
+
+    fn meta_put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.batch.insert(meta_key(key), value);
+        Ok(())
+    }
+
+    fn meta_remove(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.batch.remove(meta_key(key));
+        Ok(())
+    }
+}
+
+/// Metadata keys are longer than [`Key`] holds: they get a heap key.
+fn meta_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(META);
+    k.extend_from_slice(key);
+    k
 }
 
 /// sled's background threads hold the file lock for a moment after the last handle drops,

@@ -52,14 +52,14 @@ fn dedup_item(queue: &QueueKey, seq: u64, exp: u64, origin: &str, id: u8) -> New
 fn pushes(push: Vec<NewItem>) -> WriteBatch {
     WriteBatch {
         push,
-        remove: Vec::new(),
+        ..Default::default()
     }
 }
 
 fn removes(queue: &QueueKey, seqs: &[u64]) -> WriteBatch {
     WriteBatch {
-        push: Vec::new(),
         remove: seqs.iter().map(|&s| (queue.clone(), s)).collect(),
+        ..Default::default()
     }
 }
 
@@ -326,6 +326,7 @@ pub(super) fn expiry_removal_and_notice_commit_together(backend: Backend) {
     let expire = |notice_dest: &str| WriteBatch {
         push: vec![item(&q(notice_dest, 1), 1, t + HOUR, b"expired 1,2,3")],
         remove: due.iter().map(|i| (i.queue.clone(), i.seq)).collect(),
+        ..Default::default()
     };
     // A batch that fails applies none of it: the items stay due.
     assert!(matches!(
@@ -588,6 +589,42 @@ pub(super) fn invalid_requests_change_nothing(backend: Backend) {
     assert_eq!(state(&*store, &longest).next_seq, u64::MAX);
 }
 
+pub(super) fn meta_records_commit_with_items_and_survive_reopen(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = q("alpha", 3);
+    let b = |s: &str| Bytes::copy_from_slice(s.as_bytes());
+    {
+        let store = open_at(backend, dir.path());
+        let mut batch = pushes(vec![item(&queue, 1, later(), b"chunk")]);
+        batch.meta = vec![
+            (b("c/1"), Some(b("one"))),
+            (b("c/2"), Some(b("two"))),
+            (b("d/1"), Some(b("other prefix"))),
+            (b("c/3"), Some(b("three"))),
+            (b("c/3"), None),
+        ];
+        assert_eq!(store.commit(&batch).unwrap(), stored(1));
+        let found = store.meta_scan(b"c/").unwrap();
+        assert_eq!(found, vec![(b("c/1"), b("one")), (b("c/2"), b("two"))]);
+        // Overwrite one, delete another, together with the item's removal.
+        let mut batch = removes(&queue, &[1]);
+        batch.meta = vec![(b("c/1"), Some(b("uno"))), (b("c/2"), None)];
+        store.commit(&batch).unwrap();
+    }
+    let store = open_at(backend, dir.path());
+    assert_eq!(store.meta_scan(b"c/").unwrap(), vec![(b("c/1"), b("uno"))]);
+    assert_eq!(store.meta_scan(b"").unwrap().len(), 2);
+    assert!(store.read(&queue, 0, 10).unwrap().is_empty());
+    let too_long = WriteBatch {
+        meta: vec![(Bytes::from(vec![b'k'; MAX_META_KEY + 1]), Some(b("v")))],
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.commit(&too_long),
+        Err(StoreError::Invalid(_))
+    ));
+}
+
 /// Holds the first commit until released, so that requests pile up behind it.
 struct GatedStore {
     inner: Arc<dyn Store>,
@@ -621,6 +658,9 @@ impl Store for GatedStore {
     }
     fn disk_bytes(&self) -> Result<u64, StoreError> {
         self.inner.disk_bytes()
+    }
+    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, StoreError> {
+        self.inner.meta_scan(prefix)
     }
 }
 
@@ -748,6 +788,10 @@ macro_rules! store_suite {
             #[test]
             fn fifo_per_queue_and_queues_independent() {
                 super::fifo_per_queue_and_queues_independent($backend);
+            }
+            #[test]
+            fn meta_records_commit_with_items_and_survive_reopen() {
+                super::meta_records_commit_with_items_and_survive_reopen($backend);
             }
             #[test]
             fn read_pages_after_seq() {

@@ -10,7 +10,13 @@
 //! disk and are read back in batches as sessions have room, so a queue of ten million costs
 //! the same memory as a queue of ten thousand.
 
-use crate::config::Quota;
+mod campaigns;
+
+pub use campaigns::{CampaignRequest, CampaignView};
+use campaigns::{bulk_info_of, load_campaigns};
+
+use crate::campaign::{self, Campaign, CampaignId, CampaignRecord, ChunkRecord, RecipientBucket};
+use crate::config::{Campaigns, Quota};
 use crate::metrics::Metrics;
 use crate::record::{self, Header, RecordKind};
 use crate::registry::RegistryWatch;
@@ -19,7 +25,10 @@ use crate::store::{
 };
 use bytes::Bytes;
 use federation_spec::lane::{self, LANES};
-use federation_spec::proto::{Expired, Lane};
+use federation_spec::proto::frame::Kind;
+use federation_spec::proto::{
+    BulkDeliver, CampaignAck, CampaignStatus, ErrorCode, Expired, Frame, Lane, Rejected,
+};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
 use serde::Serialize;
@@ -51,6 +60,8 @@ const PRUNE_BATCH: usize = 500_000;
 const COMPACT_EVERY: Duration = Duration::from_secs(60);
 /// Compaction is worth it only above this file size.
 const COMPACT_ABOVE_BYTES: u64 = 64 << 20;
+/// How often destinations held back by their bulk rate are tried again.
+const BULK_TICK: Duration = Duration::from_millis(20);
 /// The largest receive window a session may have.
 pub const MAX_WINDOW: u32 = 65_536;
 
@@ -94,8 +105,8 @@ pub enum IngestOutcome {
 /// A frame for a session to send.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// The lane stream to send it on.
-    pub lane: Lane,
+    /// The lane stream to send it on; None for the control stream.
+    pub lane: Option<Lane>,
     /// The encoded frame.
     pub frame: Bytes,
 }
@@ -144,6 +155,15 @@ enum Command {
     },
     Flush {
         reply: oneshot::Sender<()>,
+    },
+    Campaign {
+        peer: String,
+        request: CampaignRequest,
+        reply: oneshot::Sender<Kind>,
+    },
+    Campaigns {
+        id: Option<CampaignId>,
+        reply: oneshot::Sender<Vec<CampaignView>>,
     },
 }
 
@@ -222,6 +242,34 @@ impl RouterHandle {
         rx.await.map_err(|_| RouterGone)
     }
 
+    /// Hands a broadcaster's campaign frame to the router; the answer is the frame to send back.
+    pub async fn campaign(
+        &self,
+        peer: String,
+        request: CampaignRequest,
+    ) -> Result<oneshot::Receiver<Kind>, RouterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Campaign {
+                peer,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| RouterGone)?;
+        Ok(rx)
+    }
+
+    /// Every campaign (or the one named), for the admin API.
+    pub async fn campaigns(&self, id: Option<CampaignId>) -> Result<Vec<CampaignView>, RouterGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Campaigns { id, reply })
+            .await
+            .map_err(|_| RouterGone)?;
+        rx.await.map_err(|_| RouterGone)
+    }
+
     /// Waits until every commit submitted so far has completed.
     pub async fn flush(&self) -> Result<(), RouterGone> {
         let (reply, rx) = oneshot::channel();
@@ -268,6 +316,32 @@ struct Session {
     /// Delivered, not yet acked, by tag (the item names its queue).
     in_flight: HashMap<u64, Item>,
     next_tag: u64,
+    /// Campaigns whose envelope this session has been sent (SPEC.md 9.8).
+    campaigns_sent: HashSet<CampaignId>,
+}
+
+/// Why items are removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Removal {
+    /// The destination acked them.
+    Delivered,
+    /// Their TTL passed.
+    Expired,
+    /// Their campaign was cancelled.
+    Cancelled,
+}
+
+/// What to undo in campaign state when a campaign commit fails.
+enum Undo {
+    Begin,
+    Chunk {
+        seq: u32,
+        accepted: Vec<(String, u64)>,
+        rejected: u64,
+    },
+    End,
+    Cancel,
+    Finish,
 }
 
 /// What to do when a commit completes.
@@ -282,9 +356,27 @@ enum Pending {
         removed: Vec<Item>,
         /// Expiry notices pushed with the removal.
         notices: Vec<Item>,
-        delivered: bool,
+        why: Removal,
+        /// Campaign counters moved by this removal: (campaign, platform, recipients).
+        counted: Vec<(CampaignId, String, u64)>,
     },
     Flush(oneshot::Sender<()>),
+    /// Nothing waits for this commit (campaign records forgotten after their retention).
+    Nothing,
+    /// A campaign step: answer once durable, or undo and refuse.
+    Campaign {
+        id: CampaignId,
+        reply: Option<oneshot::Sender<Kind>>,
+        answer: Kind,
+        pushed: Vec<Item>,
+        undo: Undo,
+    },
+    /// A request that found its step still being committed: handled again after it.
+    Retry {
+        peer: String,
+        request: CampaignRequest,
+        reply: oneshot::Sender<Kind>,
+    },
 }
 
 type CommitResult = Result<Vec<PushOutcome>, StoreError>;
@@ -312,6 +404,22 @@ pub struct Router {
     housekeeping: Arc<AtomicBool>,
     last_compaction: std::time::Instant,
     disk_bytes: LatestValue,
+    campaigns: HashMap<CampaignId, Campaign>,
+    campaign_config: Campaigns,
+    /// Campaigns whose counters changed since they were last written.
+    dirty: HashSet<CampaignId>,
+    /// Recipients per second each broadcaster adds.
+    broadcaster_rates: HashMap<String, RecipientBucket>,
+    /// Recipients per second sent to each destination on the bulk lane.
+    bulk_rates: HashMap<String, RecipientBucket>,
+    /// Destinations with bulk items held back by their rate.
+    bulk_held: HashSet<String>,
+    /// Items of cancelled campaigns taken out of their queue, to remove on disk.
+    discarded: Vec<Item>,
+    /// Requests to handle again once the commits before them completed.
+    retries: Vec<(String, CampaignRequest, oneshot::Sender<Kind>)>,
+    /// Room for recipients in one BulkDeliver, after the envelope and the framing.
+    max_frame_bytes: usize,
 }
 
 /// A value written by a background job and taken by the router.
@@ -337,6 +445,10 @@ pub struct RouterConfig {
     pub max_disk_bytes: u64,
     /// TTL of expiry notices.
     pub notice_ttl_ms: u64,
+    /// Campaign defaults.
+    pub campaigns: Campaigns,
+    /// Largest frame sent to a peer.
+    pub max_frame_bytes: usize,
 }
 
 impl Router {
@@ -369,7 +481,17 @@ impl Router {
             housekeeping: Arc::new(AtomicBool::new(false)),
             last_compaction: std::time::Instant::now(),
             disk_bytes: LatestValue::default(),
+            campaigns: HashMap::new(),
+            campaign_config: config.campaigns,
+            dirty: HashSet::new(),
+            broadcaster_rates: HashMap::new(),
+            bulk_rates: HashMap::new(),
+            bulk_held: HashSet::new(),
+            discarded: Vec::new(),
+            retries: Vec::new(),
+            max_frame_bytes: config.max_frame_bytes,
         };
+        router.campaigns = load_campaigns(&*router.store)?;
         for state in router.store.recover()? {
             let dest = router.dests.entry(state.queue.dest.clone()).or_default();
             dest.count += state.count;
@@ -389,6 +511,7 @@ impl Router {
         tracing::info!(
             queues = router.queues.len(),
             messages = recovered,
+            campaigns = router.campaigns.len(),
             "store recovered"
         );
         let (tx, rx) = mpsc::channel(4096);
@@ -402,6 +525,12 @@ impl Router {
         let mut ticks: u64 = 0;
         let mut ack_flush = tokio::time::interval(ACK_FLUSH);
         ack_flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut bulk_tick = tokio::time::interval(BULK_TICK);
+        bulk_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_tick = tokio::time::interval(Duration::from_millis(
+            self.campaign_config.status_interval_ms,
+        ));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -410,12 +539,21 @@ impl Router {
                     if let Some(p) = self.pending.pop_front() {
                         self.on_commit(p, result);
                     }
+                    for (peer, request, reply) in std::mem::take(&mut self.retries) {
+                        self.campaign(peer, request, reply).await;
+                    }
                 }
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd).await,
                     None => break,
                 },
-                _ = ack_flush.tick(), if !self.acked.is_empty() => self.flush_acks().await,
+                _ = ack_flush.tick(), if !self.acked.is_empty() || !self.discarded.is_empty() => self.flush_acks().await,
+                _ = bulk_tick.tick(), if !self.bulk_held.is_empty() => {
+                    for dest in std::mem::take(&mut self.bulk_held) {
+                        self.dispatch(&dest);
+                    }
+                }
+                _ = status_tick.tick(), if !self.campaigns.is_empty() => self.push_statuses(),
                 _ = tick.tick() => {
                     ticks += 1;
                     self.on_tick(ticks).await;
@@ -457,6 +595,7 @@ impl Router {
                         // A random start, so an ack meant for an earlier session of the peer
                         // matches nothing here instead of acknowledging the wrong frame.
                         next_tag: rand::random::<u32>() as u64 + 1,
+                        campaigns_sent: HashSet::new(),
                     },
                 );
                 self.dispatch(&peer);
@@ -469,6 +608,11 @@ impl Router {
                     d.sessions.retain(|id| *id != session);
                 }
                 for (_, item) in s.in_flight {
+                    if let Some((id, n)) = self.bulk_item(&item) {
+                        self.campaign_counts(&id, &item.queue.dest, |c| {
+                            c.in_flight = c.in_flight.saturating_sub(n)
+                        });
+                    }
                     if let Some(q) = self.queues.get_mut(&item.queue) {
                         q.in_flight.remove(&item.seq);
                         q.redeliver.insert(item.seq, item);
@@ -500,6 +644,28 @@ impl Router {
                 all.sort_by(|a, b| (&a.dest, a.lane).cmp(&(&b.dest, b.lane)));
                 let _ = reply.send(all);
             }
+            Command::Campaign {
+                peer,
+                request,
+                reply,
+            } => self.campaign(peer, request, reply).await,
+            Command::Campaigns { id, reply } => {
+                let now = unix_ms();
+                let mut views: Vec<CampaignView> = self
+                    .campaigns
+                    .values()
+                    .filter(|c| id.is_none_or(|id| id == c.id))
+                    .map(|c| CampaignView {
+                        broadcaster: c.record.owner.clone(),
+                        accepted_at_ms: c.record.accepted_at_ms,
+                        expires_at_ms: c.record.expires_at_ms,
+                        chunks: c.chunks.len(),
+                        status: c.status(now),
+                    })
+                    .collect();
+                views.sort_by_key(|v| std::cmp::Reverse(v.accepted_at_ms));
+                let _ = reply.send(views);
+            }
             Command::Flush { reply } => {
                 self.flush_acks().await;
                 if self.pending.is_empty() {
@@ -528,32 +694,17 @@ impl Router {
         let mut pushed = Vec::with_capacity(items.len());
         let mut batch = WriteBatch::default();
         for (i, incoming) in items.into_iter().enumerate() {
-            let quota = self.quota(&incoming.dest);
-            let size = incoming.body.len() as u64;
-            let dest = self.dests.entry(incoming.dest.clone()).or_default();
-            if self.disk_full
-                || dest.count >= quota.max_messages
-                || dest.bytes + size > quota.max_bytes
-            {
+            let Some(item) = self.reserve(
+                incoming.dest,
+                incoming.lane,
+                incoming.expires_at_ms,
+                incoming.body,
+            ) else {
                 outcomes.push(IngestOutcome::Busy {
                     retry_after_ms: BUSY_RETRY_MS,
                 });
                 continue;
-            }
-            dest.count += 1;
-            dest.bytes += size;
-            let qk = QueueKey {
-                dest: incoming.dest,
-                lane: incoming.lane as u8,
             };
-            let q = self.queues.entry(qk.clone()).or_insert_with(new_queue);
-            let item = Item {
-                queue: qk,
-                seq: q.next_seq,
-                expires_at_ms: incoming.expires_at_ms,
-                body: incoming.body,
-            };
-            q.next_seq += 1;
             outcomes.push(IngestOutcome::Accepted {
                 expires_at_ms: incoming.expires_at_ms,
                 duplicate: false,
@@ -577,6 +728,57 @@ impl Router {
             },
         )
         .await;
+    }
+
+    /// Takes a place in `dest`'s queue for an item: counted against the quota and given the
+    /// next seq, or None when the quota or the disk is full.
+    fn reserve(
+        &mut self,
+        dest: String,
+        lane: Lane,
+        expires_at_ms: u64,
+        body: Bytes,
+    ) -> Option<Item> {
+        if !self.room(&dest, 1, body.len() as u64) {
+            return None;
+        }
+        Some(self.reserve_unchecked(dest, lane, expires_at_ms, body))
+    }
+
+    /// Whether `dest`'s quota and the disk have room for `count` more items of `bytes`.
+    fn room(&self, dest: &str, count: u64, bytes: u64) -> bool {
+        let quota = self.quota(dest);
+        let (held, held_bytes) = self.dests.get(dest).map_or((0, 0), |d| (d.count, d.bytes));
+        !self.disk_full
+            && held + count <= quota.max_messages
+            && held_bytes + bytes <= quota.max_bytes
+    }
+
+    /// [`Router::reserve`] after [`Router::room`] said yes.
+    fn reserve_unchecked(
+        &mut self,
+        dest: String,
+        lane: Lane,
+        expires_at_ms: u64,
+        body: Bytes,
+    ) -> Item {
+        let size = body.len() as u64;
+        let d = self.dests.entry(dest.clone()).or_default();
+        d.count += 1;
+        d.bytes += size;
+        let qk = QueueKey {
+            dest,
+            lane: lane as u8,
+        };
+        let q = self.queues.entry(qk.clone()).or_insert_with(new_queue);
+        let item = Item {
+            queue: qk,
+            seq: q.next_seq,
+            expires_at_ms,
+            body,
+        };
+        q.next_seq += 1;
+        item
     }
 
     async fn submit(&mut self, batch: WriteBatch, pending: Pending) {
@@ -650,9 +852,20 @@ impl Router {
             Pending::Remove {
                 removed,
                 notices,
-                delivered,
+                why,
+                counted,
             } => {
                 let ok = result.is_ok();
+                if !ok {
+                    // The items are still on disk and will be counted when they go again.
+                    for (id, platform, n) in counted {
+                        self.campaign_counts(&id, &platform, |c| match why {
+                            Removal::Delivered => c.delivered = c.delivered.saturating_sub(n),
+                            Removal::Expired => c.expired = c.expired.saturating_sub(n),
+                            Removal::Cancelled => {}
+                        });
+                    }
+                }
                 for item in removed {
                     self.removing.remove(&(item.queue.clone(), item.seq));
                     if !ok {
@@ -669,7 +882,10 @@ impl Router {
                         d.bytes = d.bytes.saturating_sub(size);
                     }
                     let lane = lane_name(item.queue.lane);
-                    if delivered {
+                    if why == Removal::Cancelled {
+                        continue;
+                    }
+                    if why == Removal::Delivered {
                         self.metrics.delivered.with_label_values(&[lane]).inc();
                         if let Ok(accepted_at) = record::accepted_at_ms(&item.body) {
                             let secs = unix_ms().saturating_sub(accepted_at) as f64 / 1000.0;
@@ -698,6 +914,80 @@ impl Router {
             Pending::Flush(reply) => {
                 let _ = reply.send(());
             }
+            Pending::Nothing => {}
+            Pending::Retry {
+                peer,
+                request,
+                reply,
+            } => self.retries.push((peer, request, reply)),
+            Pending::Campaign {
+                id,
+                reply,
+                answer,
+                pushed,
+                undo,
+            } => match result {
+                Ok(_) => {
+                    let mut touched = HashSet::new();
+                    for item in pushed {
+                        touched.insert(item.queue.dest.clone());
+                        self.on_stored(item);
+                    }
+                    if let Some(c) = self.campaigns.get_mut(&id) {
+                        match &undo {
+                            Undo::Begin => c.durable = true,
+                            Undo::Chunk {
+                                seq,
+                                accepted,
+                                rejected,
+                            } => {
+                                if let Some(chunk) = c.chunks.get_mut(seq) {
+                                    chunk.1 = true;
+                                }
+                                let accepted: u64 = accepted.iter().map(|(_, n)| n).sum();
+                                let m = &self.metrics.campaign_recipients;
+                                m.with_label_values(&["accepted"]).inc_by(accepted);
+                                m.with_label_values(&["rejected"]).inc_by(*rejected);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(answer);
+                    }
+                    for dest in touched {
+                        self.dispatch(&dest);
+                    }
+                    if matches!(undo, Undo::End | Undo::Cancel | Undo::Finish) {
+                        self.push_status(&id);
+                    }
+                }
+                Err(e) => {
+                    for item in &pushed {
+                        self.on_not_stored(item);
+                    }
+                    self.undo(&id, undo);
+                    let (code, retry) = if e.is_full() {
+                        (ErrorCode::Busy, BUSY_RETRY_MS)
+                    } else {
+                        (ErrorCode::Internal, BUSY_RETRY_MS)
+                    };
+                    let seq = match &answer {
+                        Kind::CampaignAck(a) => a.seq,
+                        _ => 0,
+                    };
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Kind::Rejected(Rejected {
+                            code: code as i32,
+                            retry_after_ms: retry,
+                            detail: format!("campaign step not stored: {e}"),
+                            campaign_id: Bytes::copy_from_slice(&id),
+                            seq,
+                            ..Default::default()
+                        }));
+                    }
+                }
+            },
         }
     }
 
@@ -740,6 +1030,12 @@ impl Router {
     /// so a busy chat lane cannot starve a campaign.
     fn dispatch(&mut self, dest: &str) {
         let now = unix_ms();
+        let now_instant = std::time::Instant::now();
+        let bulk_rate = self
+            .registry
+            .borrow()
+            .get(dest)
+            .map_or(self.campaign_config.max_bulk_rate, |p| p.bulk.max_bulk_rate);
         let Some(d) = self.dests.get_mut(dest) else {
             return;
         };
@@ -776,11 +1072,54 @@ impl Router {
                 let Some(q) = self.queues.get_mut(qk) else {
                     continue;
                 };
-                let Some(item) = next_item(qk, q, &*self.store, now) else {
+                let bulk = lane == Lane::Bulk;
+                if bulk && bulk_rate > 0 {
+                    let bucket = self
+                        .bulk_rates
+                        .entry(dest.to_string())
+                        .or_insert_with(|| RecipientBucket::new(bulk_rate, now_instant));
+                    if !bucket.ready(bulk_rate, now_instant) {
+                        // Over the destination's bulk rate: the bulk tick tries again.
+                        if q.count > 0 {
+                            self.bulk_held.insert(dest.to_string());
+                        }
+                        continue;
+                    }
+                }
+                // A campaign item: its campaign, recipients, and the envelope if this session
+                // has not had it. Items of cancelled (or forgotten) campaigns are dropped here.
+                let mut campaign_item = None;
+                let item = loop {
+                    let Some(item) = next_item(qk, q, &*self.store, now) else {
+                        break None;
+                    };
+                    if !bulk {
+                        break Some(item);
+                    }
+                    match bulk_info_of(&item)
+                        .and_then(|(id, n)| self.campaigns.get(&id).map(|c| (c, n)))
+                    {
+                        Some((c, n)) if !c.cancelled() => {
+                            let envelope = (!s.campaigns_sent.contains(&c.id))
+                                .then(|| c.envelope_fields.clone());
+                            campaign_item = Some((c.id, n, envelope));
+                            break Some(item);
+                        }
+                        _ => {
+                            self.removing.insert((item.queue.clone(), item.seq));
+                            self.discarded.push(item);
+                        }
+                    }
+                };
+                let Some(item) = item else {
                     continue;
                 };
                 let tag = s.next_tag;
-                let frame = match record::to_frame(&item.body, tag) {
+                let extra = campaign_item
+                    .as_ref()
+                    .and_then(|(_, _, e)| e.clone())
+                    .unwrap_or_default();
+                let frame = match record::to_frame_with(&item.body, tag, &extra) {
                     Ok(frame) => frame,
                     Err(e) => {
                         // Never deliver a damaged record; it stays on disk for an operator.
@@ -788,9 +1127,25 @@ impl Router {
                         continue;
                     }
                 };
-                match s.tx.try_send(Delivery { lane, frame }) {
+                match s.tx.try_send(Delivery {
+                    lane: Some(lane),
+                    frame,
+                }) {
                     Ok(()) => {
                         s.next_tag += 1;
+                        if let Some((id, n, _)) = campaign_item {
+                            s.campaigns_sent.insert(id);
+                            if let Some(counts) = self
+                                .campaigns
+                                .get_mut(&id)
+                                .and_then(|c| c.platforms.get_mut(dest))
+                            {
+                                counts.in_flight += n;
+                            }
+                            if let Some(bucket) = self.bulk_rates.get_mut(dest) {
+                                bucket.spend(n);
+                            }
+                        }
                         q.in_flight.insert(item.seq, (sid, tag));
                         s.in_flight.insert(tag, item);
                         sent = true;
@@ -818,6 +1173,7 @@ impl Router {
             return;
         };
         let peer = s.peer.clone();
+        let acked_before = self.acked.len();
         for tag in tags {
             let Some(item) = s.in_flight.remove(&tag) else {
                 debug!(peer, tag, "ack of an unknown delivery tag ignored");
@@ -829,6 +1185,26 @@ impl Router {
             self.removing.insert((item.queue.clone(), item.seq));
             self.acked.push(item);
         }
+        // Campaign recipients count as delivered from their platform's ack.
+        let campaign_acks: Vec<(CampaignId, String, u64)> = self.acked[acked_before..]
+            .iter()
+            .filter_map(|i| {
+                self.bulk_item(i)
+                    .map(|(id, n)| (id, i.queue.dest.clone(), n))
+            })
+            .collect();
+        for (id, dest, n) in campaign_acks {
+            let counted = self.campaign_counts(&id, &dest, |c| {
+                c.in_flight = c.in_flight.saturating_sub(n);
+                c.delivered += n;
+            });
+            if counted {
+                self.metrics
+                    .campaign_recipients
+                    .with_label_values(&["delivered"])
+                    .inc_by(n);
+            }
+        }
         if self.acked.len() >= ACK_BATCH {
             self.flush_acks().await;
         }
@@ -837,20 +1213,48 @@ impl Router {
 
     /// Commits the removal of every acked item not yet removed on disk.
     async fn flush_acks(&mut self) {
+        if !self.discarded.is_empty() {
+            let removed = std::mem::take(&mut self.discarded);
+            let batch = WriteBatch {
+                remove: removed.iter().map(|i| (i.queue.clone(), i.seq)).collect(),
+                ..Default::default()
+            };
+            debug!(
+                items = removed.len(),
+                "removing items of cancelled campaigns"
+            );
+            self.submit(
+                batch,
+                Pending::Remove {
+                    removed,
+                    notices: Vec::new(),
+                    why: Removal::Cancelled,
+                    counted: Vec::new(),
+                },
+            )
+            .await;
+        }
         if self.acked.is_empty() {
             return;
         }
         let removed = std::mem::take(&mut self.acked);
-        let batch = WriteBatch {
-            push: Vec::new(),
+        let counted = removed
+            .iter()
+            .filter(|i| i.queue.lane == Lane::Bulk as u8)
+            .filter_map(|i| bulk_info_of(i).map(|(id, n)| (id, i.queue.dest.clone(), n)))
+            .collect();
+        let mut batch = WriteBatch {
             remove: removed.iter().map(|i| (i.queue.clone(), i.seq)).collect(),
+            ..Default::default()
         };
+        self.write_dirty(&mut batch);
         self.submit(
             batch,
             Pending::Remove {
                 removed,
                 notices: Vec::new(),
-                delivered: true,
+                why: Removal::Delivered,
+                counted,
             },
         )
         .await;
@@ -859,6 +1263,7 @@ impl Router {
     async fn on_tick(&mut self, ticks: u64) {
         let now = unix_ms();
         self.expire(now).await;
+        self.campaign_tick(now).await;
         if ticks.is_multiple_of(10) && !self.housekeeping.swap(true, Ordering::AcqRel) {
             self.spawn_housekeeping(now);
         }
@@ -930,6 +1335,7 @@ impl Router {
         let mut removed = Vec::new();
         let mut notices = Vec::new();
         let mut freed = HashSet::new();
+        let mut counted = Vec::new();
         for item in expired {
             let key = (item.queue.clone(), item.seq);
             if self.removing.contains(&key) {
@@ -938,6 +1344,7 @@ impl Router {
             let Some(q) = self.queues.get_mut(&item.queue) else {
                 continue;
             };
+            let was_in_flight = q.in_flight.contains_key(&item.seq);
             if let Some(&(sid, tag)) = q.in_flight.get(&item.seq) {
                 // The destination may still ack it; a destination that holds a message well
                 // past its expiry without acking loses it: it is reported expired, and a late
@@ -961,8 +1368,30 @@ impl Router {
             self.removing.insert(key);
             batch.remove.push((item.queue.clone(), item.seq));
             match record::decode(&item.body) {
+                // Campaign recipients are reported through the campaign's counts, not by
+                // Expired frames (SPEC.md 9.9).
+                Ok((h, inner)) if h.kind == RecordKind::Bulk => {
+                    if let Some((id, n)) = campaign::bulk_info(inner) {
+                        let live = self.campaigns.get(&id).is_some_and(|c| !c.cancelled());
+                        self.campaign_counts(&id, &item.queue.dest, |c| {
+                            if was_in_flight {
+                                c.in_flight = c.in_flight.saturating_sub(n);
+                            }
+                            if live {
+                                c.expired += n;
+                            }
+                        });
+                        if live {
+                            self.metrics
+                                .campaign_recipients
+                                .with_label_values(&["expired"])
+                                .inc_by(n);
+                            counted.push((id, item.queue.dest.clone(), n));
+                        }
+                    }
+                }
                 Ok((h, _))
-                    if matches!(h.kind, RecordKind::Deliver | RecordKind::Bulk)
+                    if h.kind == RecordKind::Deliver
                         && self.registry.borrow().get(&h.origin).is_some() =>
                 {
                     let notice = self.notice(&h, item.queue.lane, now);
@@ -984,12 +1413,14 @@ impl Router {
         }
         if !batch.is_empty() {
             debug!(expired = removed.len(), "expiring");
+            self.write_dirty(&mut batch);
             self.submit(
                 batch,
                 Pending::Remove {
                     removed,
                     notices,
-                    delivered: false,
+                    why: Removal::Expired,
+                    counted,
                 },
             )
             .await;
