@@ -38,10 +38,7 @@ PROBE_LIMITS = {"max_payload_bytes": 1024, "idle_timeout_ms": 4000,
 
 # Checks that fail against the current relay for a reason already reported: they are shown
 # as skipped with the reason (PROBE_STRICT=1 makes them fail). Remove an entry once fixed.
-KNOWN_DEVIATIONS = {
-    "campaigns: CampaignBegin checks (negative vector)":
-        "the relay refuses every campaign frame with NOT_PERMITTED: section 9 not implemented",
-}
+KNOWN_DEVIATIONS: dict[str, str] = {}
 
 
 # --- prepare-config -------------------------------------------------------------------------
@@ -777,6 +774,78 @@ class Probe:
     async def c_begin(self):
         return await self.m_negative_vectors(checks=("campaign_begin",))
 
+    async def c_flow(self):
+        """Section 9 end to end: news begins a campaign to users of alpha, beta and a
+        platform that does not exist, in one chunk; alpha and beta each get one BulkDeliver
+        with the envelope (signed by news) and only their own users; after their Acks the
+        status is DONE with the invariant of 9.6."""
+        news = await self.session(self.news)
+        alpha = await self.session(self.alpha)
+        beta = await self.session(self.beta)
+        problems = []
+        try:
+            cid = os.urandom(16)
+            env = pb.Envelope(id=os.urandom(16), to="", lane=pb.LANE_BULK,
+                              created_at_ms=int(time.time() * 1000), ttl_s=0,
+                              content_type="text/plain", payload=b"probe campaign")
+            setattr(env, "from", "alerts@news")
+            env_bytes = env.SerializeToString()
+            begin = pb.CampaignBegin(campaign_id=cid, envelope=env_bytes,
+                                     signature=rf.sign(self.news.seed, rf.message_tbs(env_bytes)),
+                                     signer=self.news.public, label="probe")
+            await news.send(pb.Frame(campaign_begin=begin))
+            f = await news.recv_kind({"campaign_ack", "rejected"})
+            if f is None or f.WhichOneof("kind") != "campaign_ack" or f.campaign_ack.seq != 0:
+                return f"CampaignBegin: {f}"
+            rcpts = ["a1@alpha", "a2@alpha", "b1@beta", "x@nowhere", "not-an-address"]
+            await news.send(pb.Frame(campaign_chunk=pb.CampaignChunk(
+                campaign_id=cid, seq=1, recipients=rcpts)))
+            f = await news.recv_kind({"campaign_ack", "rejected"})
+            if f is None or f.WhichOneof("kind") != "campaign_ack":
+                return f"CampaignChunk: {f}"
+            a = f.campaign_ack
+            if (a.seq, a.accepted, a.rejected) != (1, 3, 2):
+                problems.append(f"chunk ack {a.seq}/{a.accepted}/{a.rejected}, want 1/3/2")
+            await news.send(pb.Frame(campaign_end=pb.CampaignEnd(campaign_id=cid, chunks=1)))
+            f = await news.recv_kind({"campaign_ack", "rejected"})
+            if f is None or f.WhichOneof("kind") != "campaign_ack" or f.campaign_ack.seq != 2:
+                problems.append(f"CampaignEnd: {f}")
+            for raw, name, want in ((alpha, "alpha", {"a1@alpha", "a2@alpha"}),
+                                    (beta, "beta", {"b1@beta"})):
+                f = await raw.recv_kind({"bulk_deliver"})
+                if f is None:
+                    problems.append(f"{name}: no BulkDeliver")
+                    continue
+                b = f.bulk_deliver
+                if b.campaign_id != cid or set(b.recipients) != want:
+                    problems.append(f"{name}: BulkDeliver {b.campaign_id.hex()} {list(b.recipients)}")
+                if b.envelope != env_bytes or b.signer != self.news.public or \
+                        not rf.verify(b.signer, rf.message_tbs(b.envelope), b.signature):
+                    problems.append(f"{name}: the first BulkDeliver does not carry news' signed envelope")
+                await raw.send(pb.Frame(ack=pb.Ack(tags=[b.tag])))
+            deadline = time.monotonic() + 10
+            while True:
+                await news.send(pb.Frame(campaign_status_request=pb.CampaignStatusRequest(
+                    campaign_id=cid)))
+                f = await news.recv_kind({"campaign_status", "rejected"})
+                st = f.campaign_status if f is not None and f.WhichOneof("kind") == "campaign_status" else None
+                if st is not None and st.campaign_id == cid and st.state == pb.CAMPAIGN_STATE_DONE:
+                    break
+                if time.monotonic() > deadline:
+                    problems.append(f"status never DONE: {f}")
+                    return "; ".join(problems)
+                await asyncio.sleep(0.2)
+            t = st.total
+            if (t.accepted, t.delivered, t.pending, t.rejected) != (3, 3, 0, 2):
+                problems.append(f"totals {t}")
+            for c in list(st.platforms) + [t]:
+                if c.accepted != c.delivered + c.pending + c.expired + c.cancelled:
+                    problems.append(f"invariant broken for {c.platform or 'total'}")
+        finally:
+            for raw in (news, alpha, beta):
+                await raw.close()
+        return "; ".join(problems) or None
+
     async def c_echo(self):
         if self.campaign_refusal is None:
             return "skip: no campaign refusal seen"
@@ -957,6 +1026,7 @@ class Probe:
             ("messages: receive window and Credit", self.m_receive_window),
             ("messages: Expired to the origin", self.m_expiry),
             ("campaigns: refusal echoes campaign_id and seq", self.c_echo),
+            ("campaigns: begin, chunk, end, BulkDeliver, Ack, status", self.c_flow),
             ("session: WebSocket Close status is 4000 + code", self.close_status),
         ]
         only = os.environ.get("PROBE_ONLY")
