@@ -110,3 +110,69 @@ async fn offline_platform_gets_everything_in_order_when_it_returns() {
         assert_eq!(String::from_utf8_lossy(&m.payload), i.to_string(), "FIFO");
     }
 }
+
+#[tokio::test]
+async fn a_campaign_through_the_sdk_over_quic_and_websocket() {
+    use relay_client::{CampaignSpec, CampaignState};
+    let relay = InProcess::start("").await;
+    let dir = relay.dir.path();
+    let news = client(dir, "news", &relay.quic_url()).await;
+    let mut alpha = client(dir, "alpha", &relay.quic_url()).await;
+    let mut beta = client(dir, "beta", &relay.ws_url()).await;
+
+    let mut spec = CampaignSpec::text("alerts@news", "flood warning for the coast");
+    spec.label = "sdk test".into();
+    let campaign = news.handle().begin_campaign(spec).await.expect("begun");
+    let mut pending = Vec::new();
+    for seq in 1..=5u32 {
+        let recipients: Vec<String> = (0..100)
+            .map(|i| format!("u{seq}x{i}@{}", if i % 2 == 0 { "alpha" } else { "beta" }))
+            .chain(std::iter::once("nobody@nowhere".to_string()))
+            .collect();
+        pending.push(campaign.submit_chunk(seq, recipients).await.expect("held"));
+    }
+    for p in pending {
+        let ack = p.await.expect("chunk durable");
+        assert_eq!((ack.accepted, ack.rejected), (100, 1));
+    }
+    let totals = campaign.end(5).await.expect("ended");
+    assert_eq!((totals.seq, totals.accepted, totals.rejected), (6, 500, 5));
+
+    for (client, want) in [(&mut alpha, "@alpha"), (&mut beta, "@beta")] {
+        let mut got = 0;
+        while got < 250 {
+            let Event::Bulk(b) = next(client).await else {
+                continue;
+            };
+            let m = b.message.expect("the SDK keeps the campaign's envelope");
+            assert!(m.verified, "signed by a key of news");
+            assert_eq!(m.from, "alerts@news");
+            assert_eq!(&m.payload[..], b"flood warning for the coast");
+            assert!(b.recipients.iter().all(|r| r.ends_with(want)));
+            got += b.recipients.len();
+        }
+        assert_eq!(got, 250);
+    }
+    let mut status = campaign.status().await.expect("status");
+    for _ in 0..50 {
+        if status.state == CampaignState::Done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = campaign.status().await.expect("status");
+    }
+    assert_eq!(status.state, CampaignState::Done);
+    assert_eq!(
+        (
+            status.total.accepted,
+            status.total.delivered,
+            status.total.rejected
+        ),
+        (500, 500, 5)
+    );
+    // Cancelling a finished campaign reports it done.
+    assert_eq!(
+        campaign.cancel().await.expect("answered").state,
+        CampaignState::Done
+    );
+}

@@ -28,7 +28,8 @@ pub enum Command {
     Surge(SurgeArgs),
     /// One platform offline for a while under load: queue build-up, then the drain after it returns.
     Outage(OutageArgs),
-    /// A campaign to K recipients while chat runs (needs campaign support in the relay).
+    /// Chat alone, then chat while a campaign to K recipients fans out: chat p99 with and
+    /// without, campaign recipients/s, relay RSS and store size.
     Bulk(BulkArgs),
     /// A long run watching the relay's memory and store size for growth.
     Soak(SoakArgs),
@@ -261,18 +262,30 @@ pub struct OutageArgs {
 /// `stress bulk`.
 #[derive(Debug, Clone, Args)]
 pub struct BulkArgs {
-    /// Campaign recipients.
+    /// Campaign recipients, spread evenly over the platforms.
     #[arg(long, default_value_t = 100_000)]
     pub recipients: u64,
-    /// Chat running meanwhile, msgs/s.
+    /// Recipients per CampaignChunk.
+    #[arg(long, default_value_t = 10_000)]
+    pub chunk: u64,
+    /// Campaign recipients per second the relay sends each platform (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub bulk_rate: u32,
+    /// Chat (and call, per --mix) offered in each phase, msgs/s.
     #[arg(long, default_value_t = 1000.0)]
     pub chat_rate: f64,
-    /// How long.
+    /// Length of each phase (without, then with the campaign).
     #[arg(long, value_parser = duration, default_value = "30s")]
     pub duration: Duration,
+    /// Longest wait for the campaign to be done.
+    #[arg(long, value_parser = duration, default_value = "10m")]
+    pub campaign_limit: Duration,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub target: TargetArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub workload: WorkloadArgs,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub output: OutputArgs,

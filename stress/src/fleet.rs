@@ -58,6 +58,10 @@ pub struct ReceiverStats {
     pub reconnects: AtomicU64,
     /// First deliveries, per destination platform.
     pub delivered_to: Vec<AtomicU64>,
+    /// Campaign recipients received (every BulkDeliver's recipients, redeliveries included).
+    pub bulk_recipients: AtomicU64,
+    /// BulkDeliver frames received.
+    pub bulk_frames: AtomicU64,
 }
 
 struct Gateway {

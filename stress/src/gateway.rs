@@ -207,6 +207,11 @@ pub(crate) async fn receive(
                     }
                 }
                 Event::Expired(e) if !silent => ledger.expired(e.id),
+                Event::Bulk(b) if !silent => {
+                    let n = b.recipients.len() as u64;
+                    stats.bulk_recipients.fetch_add(n, Ordering::Relaxed);
+                    stats.bulk_frames.fetch_add(1, Ordering::Relaxed);
+                }
                 Event::Disconnected { .. } => {
                     stats.disconnects.fetch_add(1, Ordering::Relaxed);
                 }

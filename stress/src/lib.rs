@@ -63,20 +63,17 @@ pub enum Outcome {
     Report(Box<report::Report>),
     /// The comparison.
     Compare(Box<compare::Comparison>),
-    /// The scenario cannot run against this relay; why.
-    Unsupported(String),
 }
 
 impl Outcome {
     /// The process exit code: 0 when nothing was lost, 1 when something was (or the relay
-    /// part of a comparison failed), 2 when the scenario cannot run.
+    /// part of a comparison failed).
     pub fn exit_code(&self) -> u8 {
         match self {
             Outcome::Report(r) if r.ok() => 0,
             Outcome::Report(_) => 1,
             Outcome::Compare(c) if c.relay_failed => 1,
             Outcome::Compare(_) => 0,
-            Outcome::Unsupported(_) => 2,
         }
     }
 }
@@ -89,7 +86,7 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Surge(a) => Outcome::Report(Box::new(scenario::surge::run(&a).await?)),
         Command::Outage(a) => Outcome::Report(Box::new(scenario::outage::run(&a).await?)),
         Command::Soak(a) => Outcome::Report(Box::new(scenario::soak::run(&a).await?)),
-        Command::Bulk(a) => Outcome::Unsupported(scenario::bulk::unsupported(&a)),
+        Command::Bulk(a) => Outcome::Report(Box::new(scenario::bulk::run(&a).await?)),
         Command::Compare(a) => Outcome::Compare(Box::new(compare::run(&a).await?)),
     })
 }

@@ -63,6 +63,8 @@ pub struct Written {
     pub ca: PathBuf,
     /// Platform key files, in order.
     pub platforms: Vec<KeyFile>,
+    /// The broadcaster's key file (`b01`), for campaigns.
+    pub broadcasters: Vec<KeyFile>,
     /// Where the relay keeps its store.
     pub store_dir: PathBuf,
 }
@@ -96,6 +98,18 @@ pub fn write(dir: &Path, settings: &Settings) -> std::io::Result<Written> {
         );
         platforms.push(file);
     }
+    // One broadcaster, for `stress bulk`.
+    let key = SigningKey::generate(&mut rng);
+    let broadcaster = KeyFile::new(BROADCASTER, key.clone(), Some(relay.verifying_key()));
+    std::fs::write(
+        dir.join(format!("keys/{BROADCASTER}.key")),
+        broadcaster.to_text(),
+    )?;
+    let _ = write!(
+        peers,
+        "\n[[peers]]\nid = \"{BROADCASTER}\"\nrole = \"broadcaster\"\nkeys = [\"{}\"]\n",
+        hex::encode(key.verifying_key().as_bytes())
+    );
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
         .map_err(std::io::Error::other)?;
     std::fs::write(dir.join("tls/cert.pem"), cert.cert.pem())?;
@@ -120,13 +134,27 @@ pub fn write(dir: &Path, settings: &Settings) -> std::io::Result<Written> {
         config,
         ca: dir.join("tls/cert.pem"),
         platforms,
+        broadcasters: vec![broadcaster],
         store_dir: dir.join("store"),
     })
 }
 
+/// The peer id of the broadcaster in a set-up written here.
+pub const BROADCASTER: &str = "b01";
+
 /// The platforms of an existing set-up: key files in `keys_dir` (not the relay's own), keeping
 /// only peers that `config` (if given) lists as platforms; sorted by name.
 pub fn read_platforms(keys_dir: &Path, config: Option<&Path>) -> Result<Vec<KeyFile>, String> {
+    read_peers(keys_dir, config, "platform")
+}
+
+/// The key files in `keys_dir` of peers that `config` lists with `role`; without a
+/// configuration, every key file but the relay's (the roles cannot be told apart then).
+pub fn read_peers(
+    keys_dir: &Path,
+    config: Option<&Path>,
+    role: &str,
+) -> Result<Vec<KeyFile>, String> {
     let roles: Option<Vec<(String, String)>> = match config {
         Some(path) => Some(peer_roles(path)?),
         None => None,
@@ -146,9 +174,7 @@ pub fn read_platforms(keys_dir: &Path, config: Option<&Path>) -> Result<Vec<KeyF
             continue;
         }
         if let Some(roles) = &roles
-            && !roles
-                .iter()
-                .any(|(id, role)| *id == key.peer && role == "platform")
+            && !roles.iter().any(|(id, r)| *id == key.peer && r == role)
         {
             continue;
         }

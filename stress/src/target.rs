@@ -39,6 +39,8 @@ pub struct Target {
     pub ca: Option<PathBuf>,
     /// The platforms the generator may act as.
     pub platforms: Vec<KeyFile>,
+    /// Broadcasters it may run campaigns as (known only from the relay's configuration).
+    pub broadcasters: Vec<KeyFile>,
     /// Process, admin API, store.
     pub relay: RelayHandle,
     /// For reports: what this relay is.
@@ -140,6 +142,7 @@ impl OwnRelay {
                 url,
                 ca: Some(written.ca),
                 platforms: written.platforms,
+                broadcasters: written.broadcasters,
                 relay: RelayHandle {
                     pid: Some(pid),
                     admin: banner.admin,
@@ -269,6 +272,10 @@ impl External {
             .or_else(|| self.data_dir.as_ref().map(|d| d.join("keys")))
             .ok_or("--relay needs --data-dir DIR (or --keys DIR and --ca FILE) to act as its platforms")?;
         let platforms = setup::read_platforms(&keys_dir, config.as_deref())?;
+        let broadcasters = match &config {
+            Some(c) => setup::read_peers(&keys_dir, Some(c), "broadcaster")?,
+            None => Vec::new(),
+        };
         if platforms.is_empty() {
             return Err(format!("no platform key files in {}", keys_dir.display()));
         }
@@ -305,6 +312,7 @@ impl External {
             url: self.url.clone(),
             ca,
             platforms,
+            broadcasters,
             relay: RelayHandle {
                 pid,
                 admin,

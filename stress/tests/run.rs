@@ -158,13 +158,33 @@ async fn a_platform_that_never_acks_gets_expiries_not_losses() {
     relay.relay.shutdown(Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
-async fn bulk_says_it_needs_campaigns_and_fails() {
-    let cli = Cli::try_parse_from(["stress", "bulk", "--recipients", "10"]).unwrap();
-    let outcome = stress::run(cli).await.unwrap();
-    assert_eq!(outcome.exit_code(), 2);
-    match outcome {
-        Outcome::Unsupported(why) => assert!(why.contains("campaign feature"), "{why}"),
-        other => panic!("{other:?}"),
-    }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_bulk_run_delivers_every_recipient() {
+    let relay = InProcess::start(3, "").await;
+    let outcome = relay
+        .stress(
+            "bulk",
+            &[
+                "--platforms",
+                "3",
+                "--recipients",
+                "20000",
+                "--chunk",
+                "2000",
+                "--chat-rate",
+                "100",
+                "--duration",
+                "4s",
+            ],
+        )
+        .await;
+    let r = report(&outcome);
+    let res = &r.result;
+    assert_eq!(res["status"]["accepted"], 20000, "{res}");
+    assert_eq!(res["status"]["delivered"], 20000, "{res}");
+    assert_eq!(res["state"], "done", "{res}");
+    assert!(res["recipients_received_by_platforms"].as_u64().unwrap() >= 20000);
+    assert_eq!(r.accounting.lost, 0);
+    assert_eq!(r.phases.len(), 2);
+    relay.relay.shutdown(Duration::from_secs(5)).await;
 }

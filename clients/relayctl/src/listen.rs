@@ -1,9 +1,10 @@
 //! `relayctl listen`: incoming messages, receipts and expiries as JSON lines on stdout, each
-//! acknowledged once printed (printing is taking custody, for a command-line tool).
+//! acknowledged once printed (printing is taking custody, for a command-line tool). A campaign
+//! delivery prints one message line per recipient, with the campaign's id.
 
 use crate::connect::RelayArgs;
 use federation_spec::lane;
-use relay_client::{Event, OutgoingReceipt, ReceiptKind, ReconnectPolicy};
+use relay_client::{BulkDelivery, Event, Lane, OutgoingReceipt, ReceiptKind, ReconnectPolicy};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::process::ExitCode;
@@ -12,7 +13,9 @@ use std::process::ExitCode;
 pub struct Args {
     #[command(flatten)]
     relay: RelayArgs,
-    /// Exit after this many messages (0: never).
+    /// Exit after printing this many message lines (0: never); each recipient of a campaign
+    /// delivery is one. A campaign delivery cut short by it is not acknowledged: the relay
+    /// delivers it again later, whole.
     #[arg(long, default_value_t = 0)]
     count: u64,
     /// Send a receipt of this kind (delivered or read) for each message.
@@ -39,8 +42,8 @@ fn receipt_kind_name(kind: ReceiptKind) -> &'static str {
     }
 }
 
-/// The JSON line for an event, if it is one that is printed.
-pub fn event_json(event: &Event) -> Option<Value> {
+/// The JSON lines for an event: none, one, or one per recipient of a campaign delivery.
+pub fn event_lines(event: &Event) -> Vec<Value> {
     let line = match event {
         Event::Message(m) => json!({
             "type": "message",
@@ -70,19 +73,34 @@ pub fn event_json(event: &Event) -> Option<Value> {
             "expired_at_ms": e.expired_at_ms,
             "tag": e.tag.value(),
         }),
-        Event::Bulk(b) => json!({
-            "type": "bulk",
-            "campaign_id": hex::encode(&b.campaign_id),
-            "id": b.message.as_ref().map(|m| m.id.to_string()),
-            "from": b.message.as_ref().map(|m| m.from.clone()),
-            "text": b.message.as_ref().map(|m| String::from_utf8_lossy(&m.payload).into_owned()),
-            "verified": b.message.as_ref().is_some_and(|m| m.verified),
-            "recipients": b.recipients,
-            "tag": b.tag.value(),
-        }),
-        _ => return None,
+        Event::Bulk(b) => return bulk_lines(b),
+        _ => return Vec::new(),
     };
-    Some(line)
+    vec![line]
+}
+
+/// A message line per recipient, as if the campaign's message had been sent to each.
+fn bulk_lines(b: &BulkDelivery) -> Vec<Value> {
+    let m = b.message.as_deref();
+    let campaign = hex::encode(&b.campaign_id);
+    b.recipients
+        .iter()
+        .map(|to| {
+            json!({
+                "type": "message",
+                "id": m.map(|m| m.id.to_string()),
+                "from": m.map(|m| m.from.as_str()),
+                "to": to,
+                "lane": lane::name(Lane::Bulk),
+                "text": m.map(|m| String::from_utf8_lossy(&m.payload)),
+                "content_type": m.map(|m| m.content_type.as_str()),
+                "created_at_ms": m.map(|m| m.created_at_ms),
+                "verified": m.is_some_and(|m| m.verified),
+                "tag": b.tag.value(),
+                "campaign": campaign,
+            })
+        })
+        .collect()
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -91,7 +109,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .config(ReconnectPolicy::default())?
         .with_receive_window(args.window);
     let mut client = relay_client::Client::connect(config).await?;
-    let mut messages = 0u64;
+    let mut printed = 0u64;
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = client.next_event().await {
         match &event {
@@ -99,9 +117,23 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Event::Reconnected(info) => tracing::info!(session = %info.session_id, "reconnected"),
             _ => {}
         }
-        if let Some(line) = event_json(&event) {
+        let counted = matches!(event, Event::Message(_) | Event::Bulk(_));
+        let lines = event_lines(&event);
+        let room = match args.count {
+            0 => usize::MAX,
+            n if counted => usize::try_from(n - printed).unwrap_or(usize::MAX),
+            _ => usize::MAX,
+        };
+        for line in lines.iter().take(room) {
             writeln!(stdout, "{line}")?;
-            stdout.flush()?;
+        }
+        stdout.flush()?;
+        if counted {
+            printed += lines.len().min(room) as u64;
+        }
+        if lines.len() > room {
+            // Cut short by --count: not taken into custody, so not acknowledged.
+            break;
         }
         if let (Event::Message(m), Some(kind)) = (&event, args.receipt) {
             let receipt = OutgoingReceipt {
@@ -125,11 +157,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         if let Some(tag) = event.tag() {
             client.ack(tag);
         }
-        if matches!(event, Event::Message(_)) {
-            messages += 1;
-            if args.count != 0 && messages >= args.count {
-                break;
-            }
+        if args.count != 0 && printed >= args.count {
+            break;
         }
     }
     client.close().await;

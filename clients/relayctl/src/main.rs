@@ -1,9 +1,14 @@
-//! `relayctl`: generate keys, send and receive messages, and probe a relay's health.
+//! `relayctl`: generate keys, send and receive messages, broadcast campaigns and follow
+//! them, and probe a relay's health.
 
+mod broadcast;
+mod campaign;
 mod connect;
 mod health;
 mod keygen;
 mod listen;
+mod progress;
+mod recipients;
 mod send;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +30,11 @@ enum Command {
     Send(send::Args),
     /// Print incoming messages as JSON lines, acknowledging each after printing it.
     Listen(listen::Args),
+    /// Send one text to every recipient of a file as a campaign (broadcaster keys only);
+    /// print its id, then a summary per platform once the relay has it all.
+    Broadcast(broadcast::Args),
+    /// Status or cancellation of one of our campaigns.
+    Campaign(campaign::Args),
     /// Check the relay's admin probes (/livez and /readyz).
     Health(health::Args),
 }
@@ -43,6 +53,8 @@ async fn main() -> ExitCode {
         Command::Keygen(args) => keygen::run(args),
         Command::Send(args) => send::run(args).await,
         Command::Listen(args) => listen::run(args).await,
+        Command::Broadcast(args) => broadcast::run(args).await,
+        Command::Campaign(args) => campaign::run(args).await,
         Command::Health(args) => health::run(args).await,
     };
     match result {

@@ -1,6 +1,10 @@
 //! The application's side: [`Client`] to connect and read events, [`ClientHandle`] (cheap
 //! to clone, `Send + Sync`) to send, ack and close from any task.
 
+use crate::campaign::{
+    AnswerRx, Campaign, CampaignAnswer, CampaignSpec, CampaignStatus, into_ack, into_status,
+    prepare_campaign,
+};
 use crate::config::{ClientConfig, ConnectParams};
 use crate::driver::{Channels, Driver};
 use crate::error::{ClientError, PrepareError, SendError};
@@ -9,9 +13,13 @@ use crate::message::{
     MessageId, OutgoingMessage, OutgoingReceipt, PreparedMessage, PreparedReceipt, SendReceipt,
     prepare_message, prepare_receipt, unix_now_ms,
 };
+use crate::session::campaigns::{NewStep, Step, StepKey};
 use crate::session::{ClientSession, Now, SessionOptions};
 use crate::transport;
+use bytes::Bytes;
 use ed25519_dalek::SigningKey;
+use federation_spec::frame::encode_kind;
+use federation_spec::proto::{CampaignCancel, CampaignStatusRequest, frame::Kind};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -26,6 +34,7 @@ const COMMAND_QUEUE: usize = 1024;
 pub(crate) enum Command {
     Message(PreparedMessage, Waiter),
     Receipt(PreparedReceipt, Waiter),
+    Campaign(NewStep, CampaignWaiter),
     Credit(u32),
     Close(oneshot::Sender<()>),
 }
@@ -43,6 +52,20 @@ impl Waiter {
     }
 }
 
+/// Where the answer to one campaign step goes; a chunk's also holds its place among the
+/// pending chunks.
+pub(crate) struct CampaignWaiter {
+    tx: oneshot::Sender<Result<CampaignAnswer, SendError>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl CampaignWaiter {
+    pub(crate) fn complete(self, result: Result<CampaignAnswer, SendError>) {
+        // The sender may have stopped waiting; the step was handled all the same.
+        let _ = self.tx.send(result);
+    }
+}
+
 /// State shared by the handles and the driver.
 pub(crate) struct Shared {
     peer: String,
@@ -50,6 +73,7 @@ pub(crate) struct Shared {
     acks: Mutex<Vec<DeliveryTag>>,
     pub(crate) ack_ready: Notify,
     pending: Arc<Semaphore>,
+    chunks: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -176,6 +200,100 @@ impl ClientHandle {
         Ok(PendingSend { id, rx })
     }
 
+    /// Begins a campaign (SPEC.md 9): signs its envelope once, sends the `CampaignBegin` and
+    /// waits until the relay has stored it. Needs a session with the broadcaster role (the
+    /// relay refuses others with `NOT_PERMITTED`).
+    pub async fn begin_campaign(&self, spec: CampaignSpec) -> Result<Campaign, SendError> {
+        let prepared = prepare_campaign(
+            &self.shared.key,
+            &self.shared.peer,
+            spec,
+            MessageId::random(),
+            unix_now_ms(),
+        )?;
+        let step = NewStep {
+            key: StepKey {
+                campaign: prepared.id,
+                step: Step::Begin,
+            },
+            frame: prepared.frame.clone(),
+            begin: Some(prepared.frame.clone()),
+            recipients: 0,
+        };
+        let rx = self.submit_campaign_step(step, false).await?;
+        let begin_ack = into_ack(rx.await)?;
+        Ok(Campaign {
+            id: prepared.id,
+            envelope_id: prepared.envelope_id,
+            begin_ack,
+            begin: prepared.frame,
+            handle: self.clone(),
+        })
+    }
+
+    /// The status of one of our campaigns, begun by this client or by another session of
+    /// our peer. Refused with `UNKNOWN_CAMPAIGN` for a campaign the relay does not know
+    /// as ours. A status the relay pushes meanwhile counts as the answer.
+    pub async fn campaign_status(&self, id: [u8; 16]) -> Result<CampaignStatus, SendError> {
+        let frame = encode_kind(Kind::CampaignStatusRequest(CampaignStatusRequest {
+            campaign_id: Bytes::copy_from_slice(&id),
+        }));
+        self.campaign_query(id, Step::Status, frame).await
+    }
+
+    /// Cancels one of our campaigns: what is not delivered yet never will be. Returns its
+    /// status, cancelled (or done, if it had finished before).
+    pub async fn cancel_campaign(&self, id: [u8; 16]) -> Result<CampaignStatus, SendError> {
+        let frame = encode_kind(Kind::CampaignCancel(CampaignCancel {
+            campaign_id: Bytes::copy_from_slice(&id),
+        }));
+        self.campaign_query(id, Step::Cancel, frame).await
+    }
+
+    async fn campaign_query(
+        &self,
+        campaign: [u8; 16],
+        step: Step,
+        frame: Bytes,
+    ) -> Result<CampaignStatus, SendError> {
+        let step = NewStep {
+            key: StepKey { campaign, step },
+            frame,
+            begin: None,
+            recipients: 0,
+        };
+        let rx = self.submit_campaign_step(step, false).await?;
+        into_status(rx.await)
+    }
+
+    /// Hands a campaign step to the driver. Chunks take a place among the pending chunks
+    /// first (waiting while `max_pending_chunks` are held).
+    pub(crate) async fn submit_campaign_step(
+        &self,
+        step: NewStep,
+        chunk: bool,
+    ) -> Result<AnswerRx, SendError> {
+        let permit = if chunk {
+            let permit = self
+                .shared
+                .chunks
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| SendError::Closed("client stopped".into()))?;
+            Some(permit)
+        } else {
+            None
+        };
+        let (tx, rx) = oneshot::channel();
+        let waiter = CampaignWaiter {
+            tx,
+            _permit: permit,
+        };
+        self.command(Command::Campaign(step, waiter)).await?;
+        Ok(rx)
+    }
+
     /// Acknowledges an incoming frame: we have taken custody of it. Acks are batched and sent
     /// within one turn of the client's task.
     pub fn ack(&self, tag: DeliveryTag) {
@@ -276,6 +394,7 @@ impl Client {
             acks: Mutex::new(Vec::new()),
             ack_ready: Notify::new(),
             pending: Arc::new(Semaphore::new(config.max_pending.max(1))),
+            chunks: Arc::new(Semaphore::new(config.max_pending_chunks.max(1))),
         });
         let driver = Driver::new(
             session,
@@ -353,6 +472,21 @@ impl Client {
     /// See [`ClientHandle::submit_receipt`].
     pub async fn submit_receipt(&self, receipt: OutgoingReceipt) -> Result<PendingSend, SendError> {
         self.handle.submit_receipt(receipt).await
+    }
+
+    /// See [`ClientHandle::begin_campaign`].
+    pub async fn begin_campaign(&self, spec: CampaignSpec) -> Result<Campaign, SendError> {
+        self.handle.begin_campaign(spec).await
+    }
+
+    /// See [`ClientHandle::campaign_status`].
+    pub async fn campaign_status(&self, id: [u8; 16]) -> Result<CampaignStatus, SendError> {
+        self.handle.campaign_status(id).await
+    }
+
+    /// See [`ClientHandle::cancel_campaign`].
+    pub async fn cancel_campaign(&self, id: [u8; 16]) -> Result<CampaignStatus, SendError> {
+        self.handle.cancel_campaign(id).await
     }
 
     /// See [`ClientHandle::wait_connected`].

@@ -80,6 +80,9 @@ pub struct ClientConfig {
     pub handshake_timeout: Duration,
     /// Most messages and receipts held unanswered at once; `send` waits beyond it.
     pub max_pending: usize,
+    /// Most campaign chunks held unanswered at once; `Campaign::submit_chunk` waits beyond
+    /// it. Each holds its recipients in memory until the relay acknowledges it.
+    pub max_pending_chunks: usize,
     /// How many BUSY / RATE_LIMITED refusals of one message the SDK absorbs by resending after
     /// `retry_after_ms`, before reporting the refusal (0: report the first).
     pub backpressure_retries: u32,
@@ -103,6 +106,7 @@ impl ClientConfig {
             agent: concat!("relay-client/", env!("CARGO_PKG_VERSION")).into(),
             handshake_timeout: Duration::from_secs(10),
             max_pending: 65_536,
+            max_pending_chunks: 64,
             backpressure_retries: 0,
             pace_sends: true,
             verify_signatures: true,

@@ -7,7 +7,7 @@
 //! `await`.
 
 use crate::backoff::Backoff;
-use crate::client::{Command, Shared, Waiter};
+use crate::client::{CampaignWaiter, Command, Shared, Waiter};
 use crate::config::{ClientConfig, ConnectParams};
 use crate::error::{ClientError, SendError};
 use crate::event::{Event, SessionInfo};
@@ -57,7 +57,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// The task's state.
 pub(crate) struct Driver {
-    session: ClientSession<Waiter>,
+    session: ClientSession<Waiter, CampaignWaiter>,
     conn: Conn,
     params: Arc<ConnectParams>,
     backoff: Backoff,
@@ -86,7 +86,7 @@ pub(crate) struct Channels {
 impl Driver {
     /// A driver for a session that is up on `link`.
     pub(crate) fn new(
-        session: ClientSession<Waiter>,
+        session: ClientSession<Waiter, CampaignWaiter>,
         link: Link,
         params: Arc<ConnectParams>,
         config: &ClientConfig,
@@ -178,12 +178,18 @@ impl Driver {
         while let Some((waiter, result)) = self.session.poll_completion() {
             waiter.complete(result);
         }
+        while let Some((waiter, result)) = self.session.poll_campaign_completion() {
+            waiter.complete(result);
+        }
     }
 
     fn on_command(&mut self, command: Option<Command>) {
         match command {
             Some(Command::Message(message, waiter)) => self.session.submit_message(message, waiter),
             Some(Command::Receipt(receipt, waiter)) => self.session.submit_receipt(receipt, waiter),
+            Some(Command::Campaign(step, waiter)) => {
+                self.session.submit_campaign_step(step, waiter)
+            }
             Some(Command::Credit(window)) => self.session.set_receive_window(window),
             Some(Command::Close(done)) => {
                 self.close_waiters.push(done);

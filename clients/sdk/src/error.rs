@@ -91,9 +91,21 @@ pub enum PrepareError {
     /// `content_type` is longer than 64 bytes.
     #[error("content_type longer than 64 bytes")]
     ContentType,
-    /// The message breaks a protocol rule (bad recipient address, for example).
+    /// The message breaks a protocol rule (bad recipient address, for example; for a
+    /// campaign: a `from` that is not an address of our peer, a label over 128 bytes).
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// A campaign chunk is numbered 0 (chunks start at 1), or an end names `u32::MAX` chunks.
+    #[error("campaign step number {0} is out of range (chunks are numbered from 1)")]
+    CampaignSeq(u32),
+    /// A campaign chunk lists more recipients than the session's `max_chunk_recipients`.
+    #[error("chunk of {len} recipients exceeds the relay's limit of {max} per chunk")]
+    TooManyRecipients {
+        /// Recipients in the chunk.
+        len: usize,
+        /// `Welcome.limits.max_chunk_recipients`.
+        max: usize,
+    },
 }
 
 /// Why a message (or receipt) was not accepted by the relay.
@@ -116,8 +128,10 @@ pub enum SendError {
     /// Its time to live ran out before the relay accepted it (SPEC.md 7.2): not sent again.
     #[error("expired before the relay accepted it")]
     Expired,
-    /// A message with this id is already waiting for its answer.
-    #[error("a message with this id is already pending")]
+    /// A message with this id is already waiting for its answer; for a campaign: a step
+    /// that the relay would answer with the same `seq` (the same chunk, a chunk and an end
+    /// numbered alike, a second begin of one campaign) is.
+    #[error("a message or campaign step with this id is already pending")]
     DuplicateId,
     /// The client is closed, or lost the connection and may not (or gave up trying to)
     /// reconnect. The relay may or may not have accepted the message.

@@ -1,5 +1,5 @@
 //! What the relay hands to the application: messages, receipts, expiries, campaign
-//! deliveries, and changes of the connection.
+//! deliveries, campaign progress, and changes of the connection.
 //!
 //! Every frame that needs an `Ack` arrives with a [`DeliveryTag`]. The application acks it
 //! (with [`crate::Client::ack`]) once it has taken custody, i.e. stored it durably. A tag is
@@ -7,6 +7,7 @@
 //! un-acked frames again with new tags, and acks of old tags are dropped by the SDK (they
 //! would otherwise acknowledge whatever the new session numbered the same).
 
+use crate::campaign::CampaignStatus;
 use crate::message::MessageId;
 use bytes::Bytes;
 use federation_spec::proto::{ErrorCode, Lane, LaneTtl, Limits, PeerKeys, ReceiptKind, Role};
@@ -43,6 +44,9 @@ pub enum Event {
     Expired(ExpiredNotice),
     /// A campaign message for some of our users. Ack its tag.
     Bulk(BulkDelivery),
+    /// Progress of one of our campaigns, pushed by the relay (periodically and when its
+    /// state changes) and not taken as the answer to a status request. No tag.
+    CampaignStatus(CampaignStatus),
     /// The connection ended. Un-acked tags are void; the relay will deliver those frames
     /// again. Messages not yet accepted are kept and resent after the reconnect.
     Disconnected {
@@ -63,7 +67,7 @@ impl Event {
             Event::Receipt(r) => Some(r.tag),
             Event::Expired(e) => Some(e.tag),
             Event::Bulk(b) => Some(b.tag),
-            Event::Disconnected { .. } | Event::Reconnected(_) => None,
+            Event::CampaignStatus(_) | Event::Disconnected { .. } | Event::Reconnected(_) => None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Client SDK for the federation relay: connect as a platform, send messages and receipts,
-//! receive deliveries and acknowledge them.
+//! receive deliveries and acknowledge them; or connect as a broadcaster and run campaigns
+//! ([`ClientHandle::begin_campaign`], see [`Campaign`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,9 +34,13 @@
 //!   after every reconnect until then (the relay deduplicates);
 //! - `send` fails only when the relay refuses the message, when it cannot be sent at all
 //!   (invalid, expired), or when the client stops (closed, reconnects disabled or given up);
-//! - acks of tags from an earlier session are dropped rather than sent to a new session.
+//! - acks of tags from an earlier session are dropped rather than sent to a new session;
+//! - a campaign step (begin, chunk, end, status, cancel) is kept likewise until the relay
+//!   answers it, and after a reconnect the campaign's Begin is resent before its other
+//!   unanswered steps (every step is idempotent at the relay).
 
 mod backoff;
+mod campaign;
 mod client;
 mod config;
 mod directory;
@@ -48,6 +53,9 @@ mod session;
 mod transport;
 mod url;
 
+pub use campaign::{
+    Campaign, CampaignCounts, CampaignSpec, CampaignState, CampaignStatus, ChunkAck, PendingChunk,
+};
 pub use client::{Client, ClientHandle, Events, PendingSend};
 pub use config::{Ca, ClientConfig, ReconnectPolicy};
 pub use error::{ClientError, PrepareError, SendError, error_code, error_code_name};

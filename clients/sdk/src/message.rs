@@ -169,12 +169,11 @@ pub fn prepare_message(
         content_type: msg.content_type,
         payload: msg.payload,
     };
-    let bytes = Bytes::from(envelope.encode_to_vec());
-    let signature = sign_envelope(key, &bytes);
+    let signed = sign(key, &envelope);
     let deliver = Deliver {
-        envelope: bytes,
-        signature: Bytes::copy_from_slice(&signature.to_bytes()),
-        signer: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+        envelope: signed.envelope,
+        signature: signed.signature,
+        signer: signed.signer,
         tag: 0,
     };
     // SPEC 6.2: check our own encoding with the relay's rules so that we never send bytes it
@@ -189,6 +188,25 @@ pub fn prepare_message(
         payload_len,
         frame: encode_kind(Kind::Deliver(deliver)),
     })
+}
+
+/// An envelope encoded once and signed over exactly those bytes (SPEC.md 6.2).
+pub(crate) struct SignedEnvelope {
+    pub(crate) envelope: Bytes,
+    pub(crate) signature: Bytes,
+    pub(crate) signer: Bytes,
+}
+
+/// Encodes `envelope` and signs it with `key`: how every envelope the SDK sends is made,
+/// for a message or a campaign.
+pub(crate) fn sign(key: &SigningKey, envelope: &Envelope) -> SignedEnvelope {
+    let bytes = Bytes::from(envelope.encode_to_vec());
+    let signature = sign_envelope(key, &bytes);
+    SignedEnvelope {
+        envelope: bytes,
+        signature: Bytes::copy_from_slice(&signature.to_bytes()),
+        signer: Bytes::copy_from_slice(key.verifying_key().as_bytes()),
+    }
 }
 
 /// A delivery or read receipt to send to the original sender of a message we received.

@@ -7,13 +7,14 @@ use common::{MockRelay, MockSession, WAIT, alpha_keyfile, beta_key};
 use ed25519_dalek::SigningKey;
 use federation_spec::keyfile::KeyFile;
 use federation_spec::proto::{
-    Accepted, Deliver, Envelope, ErrorCode, Goaway, Lane, Ping, Pong, Rejected, frame::Kind,
+    Accepted, CampaignAck, CampaignCounts, CampaignState, CampaignStatus as ProtoStatus, Deliver,
+    Envelope, ErrorCode, Goaway, Lane, Ping, Pong, Rejected, frame::Kind,
 };
 use federation_spec::signing::sign_envelope;
 use prost::Message as _;
 use relay_client::{
-    Ca, Client, ClientConfig, ClientError, Event, MessageId, OutgoingMessage, ReconnectPolicy,
-    SendError,
+    Ca, CampaignSpec, Client, ClientConfig, ClientError, Event, MessageId, OutgoingMessage,
+    ReconnectPolicy, SendError,
 };
 use std::time::Duration;
 
@@ -407,4 +408,164 @@ async fn close_sends_pending_acks_before_its_goaway() {
     };
     assert_eq!(ack.tags, vec![4]);
     assert!(matches!(session.recv_kind().await, Kind::Goaway(_)));
+}
+
+fn campaign_ack(id: &Bytes, seq: u32, accepted: u32, rejected: u32, duplicate: bool) -> Kind {
+    Kind::CampaignAck(CampaignAck {
+        campaign_id: id.clone(),
+        seq,
+        accepted,
+        rejected,
+        duplicate,
+    })
+}
+
+fn campaign_status(id: &Bytes, state: CampaignState, delivered: u64) -> Kind {
+    Kind::CampaignStatus(ProtoStatus {
+        campaign_id: id.clone(),
+        state: state as i32,
+        label: "drill".into(),
+        total: Some(CampaignCounts {
+            accepted: 2,
+            delivered,
+            pending: 2 - delivered,
+            rejected: 1,
+            ..Default::default()
+        }),
+        platforms: vec![CampaignCounts {
+            platform: "beta".into(),
+            accepted: 2,
+            delivered,
+            pending: 2 - delivered,
+            ..Default::default()
+        }],
+    })
+}
+
+#[tokio::test]
+async fn campaign_over_quic_resumes_after_a_crash() {
+    let mut relay = MockRelay::quic().await;
+    let mut client = Client::connect(config(&relay)).await.unwrap();
+    let mut session = relay.accept().await;
+    let handle = client.handle();
+    let begin = tokio::spawn(async move {
+        handle
+            .begin_campaign(CampaignSpec {
+                label: "drill".into(),
+                ..CampaignSpec::text("alerts@alpha", "fire drill at noon")
+            })
+            .await
+    });
+    let Kind::CampaignBegin(b) = session.recv_kind().await else {
+        panic!("expected a campaign begin")
+    };
+    let env = Envelope::decode(b.envelope.clone()).unwrap();
+    assert_eq!((env.from.as_str(), env.to.as_str()), ("alerts@alpha", ""));
+    assert_eq!(env.lane, Lane::Bulk as i32);
+    let id = b.campaign_id.clone();
+    session.send(campaign_ack(&id, 0, 0, 0, false)).await;
+    let campaign = begin.await.unwrap().unwrap();
+    assert_eq!(&campaign.id()[..], &id[..]);
+    assert_eq!(campaign.envelope_id().as_bytes()[..], env.id[..]);
+
+    let one = campaign
+        .submit_chunk(1, vec!["ann@beta".into()])
+        .await
+        .unwrap();
+    let two = campaign
+        .submit_chunk(2, vec!["bob@beta".into(), "nobody".into()])
+        .await
+        .unwrap();
+    for seq in 1..=2 {
+        let Kind::CampaignChunk(c) = session.recv_kind().await else {
+            panic!("expected chunk {seq}")
+        };
+        assert_eq!((c.seq, &c.campaign_id), (seq, &id));
+    }
+    session.send(campaign_ack(&id, 1, 1, 0, false)).await;
+    assert_eq!(one.await.unwrap().accepted, 1);
+    session.kill().await;
+
+    // The new session gets the same Begin first, then the chunk nobody acknowledged.
+    let mut session = relay.accept().await;
+    let Kind::CampaignBegin(again) = session.recv_kind().await else {
+        panic!("expected the begin again")
+    };
+    assert_eq!(again, b, "the same signed begin");
+    session.send(campaign_ack(&id, 0, 0, 0, true)).await;
+    let Kind::CampaignChunk(c) = session.recv_kind().await else {
+        panic!("expected chunk 2 again")
+    };
+    assert_eq!(c.seq, 2);
+    session
+        .send(Kind::Rejected(Rejected {
+            code: ErrorCode::RateLimited as i32,
+            retry_after_ms: 20,
+            campaign_id: id.clone(),
+            seq: 2,
+            ..Default::default()
+        }))
+        .await;
+    let Kind::CampaignChunk(c) = session.recv_kind().await else {
+        panic!("expected chunk 2 after the rate limit")
+    };
+    assert_eq!(c.recipients, ["bob@beta", "nobody"]);
+    session.send(campaign_ack(&id, 2, 1, 1, false)).await;
+    let ack = two.await.unwrap();
+    assert_eq!((ack.seq, ack.accepted, ack.rejected), (2, 1, 1));
+
+    let ending = {
+        let campaign = campaign.clone();
+        tokio::spawn(async move { campaign.end(2).await })
+    };
+    let Kind::CampaignEnd(e) = session.recv_kind().await else {
+        panic!("expected the end")
+    };
+    assert_eq!(e.chunks, 2);
+    session.send(campaign_ack(&id, 3, 2, 1, false)).await;
+    let totals = ending.await.unwrap().unwrap();
+    assert_eq!((totals.seq, totals.accepted, totals.rejected), (3, 2, 1));
+
+    // A status nobody asked for is an event; one asked for is the answer.
+    session
+        .send(campaign_status(&id, CampaignState::Sending, 1))
+        .await;
+    let pushed = loop {
+        if let Event::CampaignStatus(s) = next_event(&mut client).await {
+            break s;
+        }
+    };
+    assert_eq!(
+        (pushed.state, pushed.total.delivered),
+        (relay_client::CampaignState::Sending, 1)
+    );
+    let asking = tokio::spawn(async move { campaign.status().await });
+    let Kind::CampaignStatusRequest(r) = session.recv_kind().await else {
+        panic!("expected a status request")
+    };
+    assert_eq!(r.campaign_id, id);
+    session
+        .send(campaign_status(&id, CampaignState::Done, 2))
+        .await;
+    let status = asking.await.unwrap().unwrap();
+    assert_eq!(status.state, relay_client::CampaignState::Done);
+    assert_eq!(status.platforms[0].platform, "beta");
+    assert_eq!(status.total.rejected, 1);
+
+    // Unknown campaign: the refusal reaches the caller.
+    let unknown = client.handle();
+    let asking = tokio::spawn(async move { unknown.cancel_campaign([7; 16]).await });
+    let Kind::CampaignCancel(c) = session.recv_kind().await else {
+        panic!("expected a cancel")
+    };
+    session
+        .send(Kind::Rejected(Rejected {
+            code: ErrorCode::UnknownCampaign as i32,
+            campaign_id: c.campaign_id,
+            detail: "not yours".into(),
+            ..Default::default()
+        }))
+        .await;
+    let err = asking.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::UnknownCampaign));
 }

@@ -26,7 +26,7 @@ pub(super) enum Staged {
     },
 }
 
-impl<W> ClientSession<W> {
+impl<W, C> ClientSession<W, C> {
     /// Registers an incoming tag; `None` without a live session.
     fn take_tag(&mut self, value: u64) -> Option<DeliveryTag> {
         let live = self.live.as_mut()?;

@@ -3,24 +3,28 @@
 //! application and when to wake up come out of the `poll_*` methods.
 //!
 //! One `ClientSession` lives as long as the client, across reconnects: the [`Outbox`] of
-//! unanswered messages outlives every connection, while the per-connection state (limits,
+//! unanswered messages (and the book of unanswered campaign steps) outlives every connection, while the per-connection state (limits,
 //! directory, tags, timers) is replaced at each `Welcome`.
 //!
 //! What it guarantees:
 //! - at most `max_inflight` messages and receipts unanswered on the wire, at most
 //!   `max_msgs_per_s` sent per second (when pacing), call lane before chat;
+//! - at most `max_inflight` campaign frames unanswered, counted apart from messages
+//!   (SPEC.md 8.4), each answer matched to its step (`campaigns`, `broadcast`);
 //! - nothing new is sent after the relay's `Goaway`; once what is in flight is answered (or
 //!   a grace period passes) it asks the shell to close and reconnect;
 //! - acks of tags from an earlier session are dropped;
 //! - a `Ping` when nothing was sent for a third of the idle timeout, and the connection is
 //!   declared dead when nothing was received for the whole idle timeout.
 
+use crate::campaign::CampaignAnswer;
 use crate::directory::Directory;
 use crate::error::{SendError, error_code};
 use crate::event::{BulkMessage, DeliveryTag, Event, SessionInfo};
 use crate::message::SendReceipt;
 use crate::outbox::Outbox;
 use bytes::Bytes;
+use campaigns::CampaignBook;
 use federation_spec::ProtocolError;
 use federation_spec::frame::{ABSOLUTE_MAX_FRAME, DEFAULT_MAX_FRAME, encode_kind, kind_name};
 use federation_spec::lane::{TtlPolicy, default_policy};
@@ -101,6 +105,9 @@ pub(crate) struct SessionOptions {
 /// A result for the waiter of a message or receipt.
 pub(crate) type Completion<W> = (W, Result<SendReceipt, SendError>);
 
+/// A result for the waiter of a campaign step.
+pub(crate) type CampaignCompletion<C> = (C, Result<CampaignAnswer, SendError>);
+
 /// State of one connection, from its `Welcome` to its end.
 #[derive(Debug)]
 struct Live {
@@ -108,6 +115,7 @@ struct Live {
     max_inflight: usize,
     max_payload: usize,
     max_frame: usize,
+    max_chunk_recipients: usize,
     idle: Duration,
     window: u32,
     ttl: HashMap<i32, TtlPolicy>,
@@ -135,17 +143,20 @@ impl Live {
     }
 }
 
-/// The client's protocol state (see the module docs). `W` is what a sender waits on.
-pub(crate) struct ClientSession<W> {
+/// The client's protocol state (see the module docs). `W` is what a sender of a message
+/// waits on, `C` what a sender of a campaign step waits on.
+pub(crate) struct ClientSession<W, C = W> {
     peer: String,
     opts: SessionOptions,
     outbox: Outbox<W>,
+    campaigns: CampaignBook<C>,
     live: Option<Live>,
     sessions: u32,
     control: VecDeque<Bytes>,
     acks: Vec<u64>,
     events: VecDeque<Event>,
     completions: VecDeque<Completion<W>>,
+    campaign_completions: VecDeque<CampaignCompletion<C>>,
     close: Option<CloseRequest>,
     /// The application asked to close: finish what is held, then Goaway.
     closing: Option<Instant>,
@@ -170,18 +181,20 @@ pub(crate) fn effective_limits(limits: Option<&Limits>, requested_window: u32) -
     }
 }
 
-impl<W> ClientSession<W> {
+impl<W, C> ClientSession<W, C> {
     pub(crate) fn new(peer: impl Into<String>, opts: SessionOptions) -> Self {
         Self {
             peer: peer.into(),
             opts,
             outbox: Outbox::new(),
+            campaigns: CampaignBook::new(),
             live: None,
             sessions: 0,
             control: VecDeque::new(),
             acks: Vec::new(),
             events: VecDeque::new(),
             completions: VecDeque::new(),
+            campaign_completions: VecDeque::new(),
             close: None,
             closing: None,
         }
@@ -202,6 +215,12 @@ impl<W> ClientSession<W> {
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Campaign steps held, unanswered.
+    #[cfg(test)]
+    pub(crate) fn pending_campaign_steps(&self) -> usize {
+        self.campaigns.len()
     }
 
     /// A new session is up. Returns what to tell the application about it.
@@ -234,6 +253,7 @@ impl<W> ClientSession<W> {
             max_inflight: limits.max_inflight as usize,
             max_payload: limits.max_payload_bytes as usize,
             max_frame: limits.max_frame_bytes as usize,
+            max_chunk_recipients: limits.max_chunk_recipients as usize,
             idle: Duration::from_millis(u64::from(limits.idle_timeout_ms)),
             window: limits.receive_window,
             ttl,
@@ -256,6 +276,7 @@ impl<W> ClientSession<W> {
             peer = %self.peer,
             session = %info.session_id,
             pending = self.outbox.len(),
+            campaign_steps = self.campaigns.len(),
             "session established"
         );
         info
@@ -272,6 +293,7 @@ impl<W> ClientSession<W> {
         let goaway = live.goaway.map(|(g, _)| g);
         let code = code.or_else(|| goaway.as_ref().map(|g| error_code(g.code)));
         self.outbox.requeue_in_flight();
+        self.campaigns.requeue();
         self.acks.clear();
         self.control.clear();
         self.close = None;
@@ -283,11 +305,15 @@ impl<W> ClientSession<W> {
         goaway.map(|g| Duration::from_millis(u64::from(g.reconnect_after_ms)))
     }
 
-    /// Completes every held message with `error` (the client closed or gave up).
+    /// Completes every held message and campaign step with `error` (the client closed or
+    /// gave up).
     pub(crate) fn fail_all(&mut self, error: SendError) {
         for entry in self.outbox.drain() {
             self.completions
                 .push_back((entry.waiter, Err(error.clone())));
+        }
+        for entry in self.campaigns.drain() {
+            self.fail_step(entry, &error);
         }
     }
 
@@ -368,9 +394,8 @@ impl<W> ClientSession<W> {
                 .push_back(encode_kind(Kind::Pong(Pong { nonce: p.nonce }))),
             Kind::Pong(_) => {}
             Kind::Goaway(g) => self.on_goaway(g, now),
-            Kind::CampaignAck(_) | Kind::CampaignStatus(_) => {
-                debug!(peer = %self.peer, kind = name, "campaign frame ignored");
-            }
+            Kind::CampaignAck(a) => self.on_campaign_ack(a),
+            Kind::CampaignStatus(s) => self.on_campaign_status(s),
             Kind::Hello(_)
             | Kind::Challenge(_)
             | Kind::Auth(_)
@@ -422,11 +447,17 @@ impl<W> ClientSession<W> {
                 bytes: encode_kind(Kind::Ack(Ack { tags })),
             });
         }
-        if live.goaway.is_some() || live.paused_until.is_some_and(|p| p > now.at) {
+        if live.goaway.is_some() {
             return None;
         }
-        live.paused_until = None;
-        self.next_message(now)
+        // Messages and campaign steps are paced and bounded separately (SPEC.md 8.4).
+        if live.paused_until.is_none_or(|p| p <= now.at) {
+            live.paused_until = None;
+            if let Some(transmit) = self.next_message(now) {
+                return Some(transmit);
+            }
+        }
+        self.next_campaign_step(now)
     }
 
     /// The next thing to tell the application.
@@ -439,6 +470,11 @@ impl<W> ClientSession<W> {
         self.completions.pop_front()
     }
 
+    /// The next answer for a waiting sender of a campaign step.
+    pub(crate) fn poll_campaign_completion(&mut self) -> Option<CampaignCompletion<C>> {
+        self.campaign_completions.pop_front()
+    }
+
     /// Whether the connection should end now, and how.
     pub(crate) fn poll_close(&mut self) -> Option<CloseRequest> {
         if let Some(close) = self.close.take() {
@@ -447,6 +483,7 @@ impl<W> ClientSession<W> {
         let live = self.live.as_ref()?;
         if let Some((goaway, _)) = &live.goaway
             && self.outbox.in_flight_len() == 0
+            && self.campaigns.in_flight_len() == 0
             && self.control.is_empty()
             && self.acks.is_empty()
         {
@@ -460,6 +497,7 @@ impl<W> ClientSession<W> {
         }
         if self.closing.is_some()
             && self.outbox.is_empty()
+            && self.campaigns.is_empty()
             && self.control.is_empty()
             && self.acks.is_empty()
         {
@@ -484,6 +522,7 @@ impl<W> ClientSession<W> {
                 None => {
                     consider(live.paused_until);
                     consider(self.outbox.next_wakeup());
+                    consider(self.campaigns.next_wakeup());
                 }
             }
         }
@@ -500,6 +539,7 @@ impl<W> ClientSession<W> {
             return;
         };
         self.outbox.promote(now.at);
+        self.campaigns.promote(now.at);
         if live.paused_until.is_some_and(|p| p <= now.at) {
             live.paused_until = None;
         }
@@ -552,6 +592,10 @@ fn final_close(reason: &str) -> CloseRequest {
     }
 }
 
+mod broadcast;
+#[cfg(test)]
+mod campaign_tests;
+pub(crate) mod campaigns;
 mod incoming;
 mod outgoing;
 #[cfg(test)]

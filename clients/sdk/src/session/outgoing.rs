@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// Pause before resending a message refused with FLOW_CONTROL.
-const FLOW_CONTROL_BACKOFF: Duration = Duration::from_millis(100);
+pub(super) const FLOW_CONTROL_BACKOFF: Duration = Duration::from_millis(100);
 /// Least wait after BUSY or RATE_LIMITED without a `retry_after_ms` (SPEC.md 8.5).
-const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(super) const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Paces sends to `max_msgs_per_s`, with bursts of one second's worth (SPEC.md 8.5).
 #[derive(Debug)]
@@ -51,7 +51,7 @@ impl TokenBucket {
     }
 }
 
-impl<W> ClientSession<W> {
+impl<W, C> ClientSession<W, C> {
     /// Takes a message into custody.
     pub(crate) fn submit_message(&mut self, msg: PreparedMessage, waiter: W) {
         let new = NewEntry {
@@ -164,8 +164,7 @@ impl<W> ClientSession<W> {
 
     pub(super) fn on_rejected(&mut self, r: Rejected, now: Now) {
         if !r.campaign_id.is_empty() {
-            debug!(peer = %self.peer, "campaign rejection ignored");
-            return;
+            return self.on_campaign_rejected(r, now);
         }
         let code = error_code(r.code);
         let Some(id) = MessageId::from_slice(&r.id) else {

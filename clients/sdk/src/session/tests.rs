@@ -21,14 +21,14 @@ fn beta() -> SigningKey {
     SigningKey::from_bytes(&[2; 32])
 }
 
-fn t0() -> Now {
+pub(super) fn t0() -> Now {
     Now {
         at: Instant::now(),
         unix_ms: T0_UNIX_MS,
     }
 }
 
-fn after(now: Now, ms: u64) -> Now {
+pub(super) fn after(now: Now, ms: u64) -> Now {
     Now {
         at: now.at + Duration::from_millis(ms),
         unix_ms: now.unix_ms + ms,
@@ -43,7 +43,7 @@ fn keys(peer: &str, key: &SigningKey) -> PeerKeys {
     }
 }
 
-fn welcome(limits: Limits) -> Welcome {
+pub(super) fn welcome(limits: Limits) -> Welcome {
     Welcome {
         session_id: Bytes::from_static(&[7; 16]),
         role: Role::Platform as i32,
@@ -57,7 +57,7 @@ fn welcome(limits: Limits) -> Welcome {
     }
 }
 
-fn limits() -> Limits {
+pub(super) fn limits() -> Limits {
     Limits {
         max_inflight: 2,
         idle_timeout_ms: 30_000,
@@ -66,7 +66,7 @@ fn limits() -> Limits {
     }
 }
 
-fn options() -> SessionOptions {
+pub(super) fn options() -> SessionOptions {
     SessionOptions {
         receive_window: 8,
         backpressure_retries: 0,
@@ -75,13 +75,13 @@ fn options() -> SessionOptions {
     }
 }
 
-fn live_session(opts: SessionOptions, limits: Limits, now: Now) -> ClientSession<u32> {
+pub(super) fn live_session(opts: SessionOptions, limits: Limits, now: Now) -> ClientSession<u32> {
     let mut s = ClientSession::new("alpha", opts);
     s.established(welcome(limits), now);
     s
 }
 
-fn message(n: u8, created_at_ms: u64, ttl_s: u32) -> PreparedMessage {
+pub(super) fn message(n: u8, created_at_ms: u64, ttl_s: u32) -> PreparedMessage {
     prepare_message(
         &alpha(),
         "alpha",
@@ -95,11 +95,11 @@ fn message(n: u8, created_at_ms: u64, ttl_s: u32) -> PreparedMessage {
     .unwrap()
 }
 
-fn kind(k: Kind) -> Frame {
+pub(super) fn kind(k: Kind) -> Frame {
     Frame { kind: Some(k) }
 }
 
-fn accepted(n: u8) -> Frame {
+pub(super) fn accepted(n: u8) -> Frame {
     kind(Kind::Accepted(Accepted {
         id: Bytes::from(vec![n; 16]),
         expires_at_ms: 42,
@@ -118,7 +118,7 @@ fn rejected(n: u8, code: ErrorCode, retry_after_ms: u32) -> Frame {
 }
 
 /// Every frame the session wants written now, decoded, with its route.
-fn drain(s: &mut ClientSession<u32>, now: Now) -> Vec<(Route, Kind)> {
+pub(super) fn drain(s: &mut ClientSession<u32>, now: Now) -> Vec<(Route, Kind)> {
     std::iter::from_fn(|| s.poll_transmit(now))
         .map(|t| {
             let frames = decode_message(&t.bytes, usize::MAX).unwrap();
@@ -128,7 +128,7 @@ fn drain(s: &mut ClientSession<u32>, now: Now) -> Vec<(Route, Kind)> {
         .collect()
 }
 
-fn sent_ids(out: &[(Route, Kind)]) -> Vec<u8> {
+pub(super) fn sent_ids(out: &[(Route, Kind)]) -> Vec<u8> {
     out.iter()
         .filter_map(|(_, k)| match k {
             Kind::Deliver(d) => Some(Envelope::decode(d.envelope.clone()).unwrap().id[0]),
@@ -137,11 +137,13 @@ fn sent_ids(out: &[(Route, Kind)]) -> Vec<u8> {
         .collect()
 }
 
-fn completions(s: &mut ClientSession<u32>) -> Vec<(u32, Result<SendReceipt, SendError>)> {
+pub(super) fn completions(
+    s: &mut ClientSession<u32>,
+) -> Vec<(u32, Result<SendReceipt, SendError>)> {
     std::iter::from_fn(|| s.poll_completion()).collect()
 }
 
-fn events(s: &mut ClientSession<u32>) -> Vec<Event> {
+pub(super) fn events(s: &mut ClientSession<u32>) -> Vec<Event> {
     std::iter::from_fn(|| s.poll_event()).collect()
 }
 
