@@ -346,6 +346,80 @@ pub fn bulk_info(inner: Bytes) -> Option<(CampaignId, u64)> {
     Some((id, view.recipients.len() as u64))
 }
 
+/// A chunk's recipients, checked, grouped by destination platform and encoded as the stored
+/// BulkDeliver bodies, by the broadcaster's session: the router only has to store them.
+#[derive(Debug, Clone, Default)]
+pub struct PreparedChunk {
+    /// Recipients offered.
+    pub offered: u64,
+    /// Recipients refused: not an address, or of no registered platform.
+    pub rejected: u64,
+    /// Per destination platform: its recipients and their stored bodies.
+    pub platforms: Vec<(String, u64, Vec<Bytes>)>,
+}
+
+impl PreparedChunk {
+    /// Recipients taken on.
+    pub fn accepted(&self) -> u64 {
+        self.offered - self.rejected
+    }
+}
+
+/// Prepares a chunk of campaign `id` of `owner`: recipients that are addresses of a platform
+/// (`is_platform`) are grouped by platform, in groups whose recipient fields fit `budget`
+/// bytes, each encoded as a stored BulkDeliver record accepted at `now_ms`.
+pub fn prepare_chunk(
+    owner: &str,
+    id: &CampaignId,
+    recipients: Vec<String>,
+    is_platform: impl Fn(&str) -> bool,
+    budget: usize,
+    now_ms: u64,
+) -> PreparedChunk {
+    let offered = recipients.len() as u64;
+    let mut by_platform: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut rejected = 0;
+    for r in recipients {
+        match federation_spec::address::parse(&r) {
+            Ok(a) if is_platform(a.platform) => {
+                let platform = a.platform.to_string();
+                by_platform.entry(platform).or_default().push(r);
+            }
+            _ => rejected += 1,
+        }
+    }
+    let header = crate::record::Header {
+        kind: crate::record::RecordKind::Bulk,
+        origin: owner.to_string(),
+        id: *id,
+        to: String::new(),
+        accepted_at_ms: now_ms,
+    };
+    let platforms = by_platform
+        .into_iter()
+        .map(|(platform, list)| {
+            let n = list.len() as u64;
+            let bodies = split_recipients(list, budget)
+                .into_iter()
+                .map(|group| {
+                    let inner = federation_spec::proto::BulkDeliver {
+                        campaign_id: Bytes::copy_from_slice(id),
+                        recipients: group,
+                        ..Default::default()
+                    };
+                    crate::record::encode(&header, &inner.encode_to_vec())
+                })
+                .collect();
+            (platform, n, bodies)
+        })
+        .collect();
+    PreparedChunk {
+        offered,
+        rejected,
+        platforms,
+    }
+}
+
 /// Splits one platform's recipients into groups whose BulkDeliver fits `budget` bytes of
 /// recipient fields (each costs its length, a length varint and a key byte).
 pub fn split_recipients(recipients: Vec<String>, budget: usize) -> Vec<Vec<String>> {
@@ -526,6 +600,32 @@ mod tests {
         assert_eq!(groups.concat(), rs);
         // One recipient larger than the budget still goes, alone.
         assert_eq!(split_recipients(rs[..2].to_vec(), 1).len(), 2);
+    }
+
+    #[test]
+    fn chunks_are_grouped_by_platform_and_bad_recipients_counted() {
+        let recipients = vec![
+            "a@alpha".to_string(),
+            "b@beta".into(),
+            "c@alpha".into(),
+            "not an address".into(),
+            "d@nowhere".into(),
+        ];
+        let known = |p: &str| p == "alpha" || p == "beta";
+        let c = prepare_chunk("news", &[3; 16], recipients, known, 1 << 20, 7);
+        assert_eq!((c.offered, c.rejected, c.accepted()), (5, 2, 3));
+        let names: Vec<(&str, u64, usize)> = c
+            .platforms
+            .iter()
+            .map(|(p, n, b)| (p.as_str(), *n, b.len()))
+            .collect();
+        assert_eq!(names, vec![("alpha", 2, 1), ("beta", 1, 1)]);
+        let (h, inner) = crate::record::decode(&c.platforms[0].2[0]).unwrap();
+        assert_eq!(
+            (h.kind, h.origin.as_str(), h.id, h.accepted_at_ms),
+            (crate::record::RecordKind::Bulk, "news", [3; 16], 7)
+        );
+        assert_eq!(bulk_info(inner), Some(([3; 16], 2)));
     }
 
     #[test]

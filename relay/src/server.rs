@@ -122,7 +122,6 @@ impl Relay {
                 // A notice is the only word the origin gets: keep it at least a week.
                 notice_ttl_ms: (cfg.lanes.chat.max_ttl_s as u64).max(7 * 86_400) * 1000,
                 campaigns: cfg.campaigns,
-                max_frame_bytes: cfg.limits.max_frame_bytes as usize,
             },
             metrics.clone(),
             health.store_ok.clone(),

@@ -42,6 +42,9 @@ use tracing::{debug, info, warn};
 
 /// Frames taken from the transport in one batch.
 const BATCH: usize = 2048;
+/// Room kept in a BulkDeliver for the campaign's envelope beyond its payload: the envelope's
+/// other fields, the signature, the signer, the campaign id, the tag and the framing.
+const ENVELOPE_OVERHEAD: usize = 2048;
 /// Signature batches at least this large are verified on the blocking pool.
 const OFFLOAD_VERIFY: usize = 16;
 
@@ -905,10 +908,23 @@ impl Session {
                         format!("more than {max} recipients in one chunk"),
                     ));
                 }
+                // The per-recipient work (parse, group, encode) happens here, on the session's
+                // task, so that a campaign does not hold up the router that routes chat.
+                let l = &self.shared.limits;
+                let budget = (l.max_frame_bytes as usize)
+                    .saturating_sub(l.max_payload_bytes as usize + ENVELOPE_OVERHEAD)
+                    .max(1024);
                 CampaignRequest::Chunk {
                     id,
                     seq: c.seq,
-                    recipients: c.recipients,
+                    chunk: crate::campaign::prepare_chunk(
+                        &self.peer,
+                        &id,
+                        c.recipients,
+                        |p| registry.is_platform(p),
+                        budget,
+                        now_ms,
+                    ),
                 }
             }
             Kind::CampaignEnd(e) => CampaignRequest::End {

@@ -35,6 +35,8 @@ pub enum Command {
     Soak(SoakArgs),
     /// The same workload against the relay (verify all, verify sample), NATS core and JetStream.
     Compare(CompareArgs),
+    /// SIGKILL the relay binary at random moments under mixed load, restart it on the same data, and check that nothing accepted was lost.
+    Crashloop(CrashloopArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, SpecError> {
@@ -268,9 +270,14 @@ pub struct BulkArgs {
     /// Recipients per CampaignChunk.
     #[arg(long, default_value_t = 10_000)]
     pub chunk: u64,
-    /// Campaign recipients per second the relay sends each platform (0: no limit).
-    #[arg(long, default_value_t = 0)]
+    /// Campaign recipients per second the relay sends each platform (0: no limit); the
+    /// relay's default is 100,000.
+    #[arg(long, default_value_t = 100_000)]
     pub bulk_rate: u32,
+    /// Campaign recipients per second the relay accepts from the broadcaster (0: no limit);
+    /// the relay's default is 500,000.
+    #[arg(long, default_value_t = 500_000)]
+    pub accept_rate: u32,
     /// Chat (and call, per --mix) offered in each phase, msgs/s.
     #[arg(long, default_value_t = 1000.0)]
     pub chat_rate: f64,
@@ -349,6 +356,68 @@ pub struct CompareArgs {
     #[arg(long, value_parser = duration, default_value = "60s")]
     pub drain: Duration,
     /// No progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `stress crashloop`.
+#[derive(Debug, Clone, Args)]
+pub struct CrashloopArgs {
+    /// SIGKILLs of the relay, each followed by a restart on the same data dir and ports.
+    #[arg(long, default_value_t = 10)]
+    pub kills: u32,
+    /// Shortest time the relay runs, once ready, before the next kill.
+    #[arg(long, value_parser = duration, default_value = "500ms", value_name = "DURATION")]
+    pub min_gap: Duration,
+    /// Longest time the relay runs before the next kill (uniform between the two).
+    #[arg(long, value_parser = duration, default_value = "3s", value_name = "DURATION")]
+    pub max_gap: Duration,
+    /// After the kills, also stop the relay once with SIGTERM under load, time its drain
+    /// (drain_ms) against its 10 s bound, and restart it.
+    #[arg(long)]
+    pub sigterm: bool,
+    /// Offered load, msgs/s, all gateways together (open loop).
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// Cap on the kill loop; reaching it before the last kill fails the run.
+    #[arg(long, value_parser = duration, default_value = "10m", value_name = "DURATION")]
+    pub duration: Duration,
+    /// Gateway sessions per platform (alpha, beta, gamma); they alternate QUIC and WebSocket.
+    #[arg(long, default_value_t = 2)]
+    pub gateways: usize,
+    /// Users per platform.
+    #[arg(long, default_value_t = 100)]
+    pub users: usize,
+    /// Payload bytes: N, LO-HI (uniform), or SIZE:WEIGHT,...
+    #[arg(long, default_value = "256")]
+    pub size: SizeDist,
+    /// Lane weights.
+    #[arg(long, default_value = "call=20,chat=80")]
+    pub mix: LaneMix,
+    /// A receiving gateway sends a delivery receipt for 1 in K messages it takes in (0: none).
+    #[arg(long, default_value_t = 4, value_name = "K")]
+    pub receipt_every: u64,
+    /// Seed of the kill times and the traffic.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Longest wait after the load for every answer, delivery, notice and receipt, and for
+    /// the relay's queues to empty.
+    #[arg(long, value_parser = duration, default_value = "90s", value_name = "DURATION")]
+    pub drain: Duration,
+    /// Longest wait for the relay to be ready after a start.
+    #[arg(long, value_parser = duration, default_value = "30s", value_name = "DURATION")]
+    pub ready_timeout: Duration,
+    /// The relay binary (default: `relay` next to this executable).
+    #[arg(long, value_name = "PATH")]
+    pub relay_bin: Option<PathBuf>,
+    /// Write the relay's data dir here and keep it (default: a temp dir, kept only when the
+    /// run fails).
+    #[arg(long, value_name = "DIR")]
+    pub keep_data: Option<PathBuf>,
+    /// Write the report as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// No progress lines (the summary is still printed).
     #[arg(long)]
     pub quiet: bool,
 }

@@ -20,7 +20,7 @@ pub enum CampaignRequest {
     Chunk {
         id: CampaignId,
         seq: u32,
-        recipients: Vec<String>,
+        chunk: campaign::PreparedChunk,
     },
     /// CampaignEnd.
     End { id: CampaignId, chunks: u32 },
@@ -223,9 +223,9 @@ impl Router {
                 )
                 .await;
             }
-            CampaignRequest::Chunk {
-                seq, recipients, ..
-            } => self.chunk(peer, id, seq, recipients, reply, now).await,
+            CampaignRequest::Chunk { seq, chunk, .. } => {
+                self.chunk(peer, id, seq, chunk, reply, now).await
+            }
             CampaignRequest::Begin { .. } => {}
         }
     }
@@ -329,14 +329,14 @@ impl Router {
         peer: String,
         id: CampaignId,
         seq: u32,
-        recipients: Vec<String>,
+        chunk: campaign::PreparedChunk,
         reply: oneshot::Sender<Kind>,
         now: u64,
     ) {
         let request = CampaignRequest::Chunk {
             id,
             seq,
-            recipients: Vec::new(),
+            chunk: Default::default(),
         };
         let invalid = |detail: String| refuse(&request, ErrorCode::InvalidMessage, 0, detail);
         let Some(c) = self.campaigns.get(&id) else {
@@ -346,28 +346,16 @@ impl Router {
             let _ = reply.send(invalid("chunk seqs start at 1".into()));
             return;
         }
-        if recipients.len() > self.campaign_config.max_chunk_recipients as usize {
-            let detail = format!(
-                "more than {} recipients in one chunk",
-                self.campaign_config.max_chunk_recipients
-            );
-            let _ = reply.send(invalid(detail));
-            return;
-        }
-        if let Some((chunk, durable)) = c.chunks.get(&seq) {
+        if let Some((recorded, durable)) = c.chunks.get(&seq) {
             if !durable {
-                let request = CampaignRequest::Chunk {
-                    id,
-                    seq,
-                    recipients,
-                };
+                let request = CampaignRequest::Chunk { id, seq, chunk };
                 return self.defer(peer, request, reply);
             }
             let _ = reply.send(Kind::CampaignAck(CampaignAck {
                 campaign_id: Bytes::copy_from_slice(&id),
                 seq,
-                accepted: chunk.accepted,
-                rejected: chunk.rejected,
+                accepted: recorded.accepted,
+                rejected: recorded.rejected,
                 duplicate: true,
             }));
             return;
@@ -388,7 +376,7 @@ impl Router {
             return;
         }
         let quota = self.bulk_quota(&peer);
-        let total = c.recipients() + recipients.len() as u64;
+        let total = c.recipients() + chunk.offered;
         if total > quota.max_campaign_recipients {
             let detail = format!(
                 "the campaign would have {total} recipients; the quota is {}",
@@ -397,112 +385,70 @@ impl Router {
             let _ = reply.send(refuse(&request, ErrorCode::CampaignQuota, 0, detail));
             return;
         }
-
-        // Group by destination platform; what is not an address of a platform is rejected.
-        let registry = self.registry.borrow().clone();
-        let mut by_platform: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut rejected = 0u64;
-        for r in recipients {
-            match federation_spec::address::parse(&r) {
-                Ok(a) if registry.is_platform(a.platform) => {
-                    let platform = a.platform.to_string();
-                    by_platform.entry(platform).or_default().push(r);
-                }
-                _ => rejected += 1,
-            }
-        }
-        // Room for recipients in one BulkDeliver: the frame less the envelope sent with the
-        // first one, the campaign id, the tag and the framing.
-        let budget = self
-            .max_frame_bytes
-            .saturating_sub(c.envelope_fields.len() + 128)
-            .max(1024);
-        let header = Header {
-            kind: RecordKind::Bulk,
-            origin: peer.clone(),
-            id,
-            to: String::new(),
-            accepted_at_ms: now,
-        };
-        let mut bodies = Vec::new();
-        let mut accepted = Vec::new();
-        for (platform, list) in by_platform {
-            accepted.push((platform.clone(), list.len() as u64));
-            for group in campaign::split_recipients(list, budget) {
-                let inner = BulkDeliver {
-                    campaign_id: Bytes::copy_from_slice(&id),
-                    recipients: group,
-                    ..Default::default()
-                };
-                bodies.push((
-                    platform.clone(),
-                    record::encode(&header, &inner.encode_to_vec()),
-                ));
-            }
-        }
-        let expires_at_ms = c.record.expires_at_ms;
         // All of the chunk or none: every destination must have room.
-        let mut need: HashMap<&str, (u64, u64)> = HashMap::new();
-        for (platform, body) in &bodies {
-            let e = need.entry(platform.as_str()).or_default();
-            e.0 += 1;
-            e.1 += body.len() as u64;
+        for (platform, _, bodies) in &chunk.platforms {
+            let bytes = bodies.iter().map(|b| b.len() as u64).sum();
+            if !self.room(platform, bodies.len() as u64, bytes) {
+                let detail = format!("the queue of `{platform}` or the store is full");
+                let _ = reply.send(refuse(&request, ErrorCode::Busy, BUSY_RETRY_MS, detail));
+                return;
+            }
         }
-        if let Some((full, _)) = need.iter().find(|(dest, (n, b))| !self.room(dest, *n, *b)) {
-            let detail = format!("the queue of `{full}` or the store is full");
-            let _ = reply.send(refuse(&request, ErrorCode::Busy, BUSY_RETRY_MS, detail));
-            return;
-        }
-        let n = accepted.iter().map(|(_, n)| n).sum::<u64>() + rejected;
-        let bucket = self
-            .broadcaster_rates
-            .entry(peer.clone())
-            .or_insert_with(|| {
-                RecipientBucket::new(quota.max_recipients_per_s, std::time::Instant::now())
-            });
-        if quota.max_recipients_per_s > 0
-            && let Err(wait) = bucket.take(quota.max_recipients_per_s, n, std::time::Instant::now())
-        {
-            let detail = format!("over {} recipients per second", quota.max_recipients_per_s);
-            let _ = reply.send(refuse(
-                &request,
-                ErrorCode::RateLimited,
-                wait.max(1),
-                detail,
-            ));
-            return;
+        if quota.max_recipients_per_s > 0 {
+            let now_instant = std::time::Instant::now();
+            let rate = quota.max_recipients_per_s;
+            let bucket = self
+                .broadcaster_rates
+                .entry(peer.clone())
+                .or_insert_with(|| RecipientBucket::new(rate, now_instant));
+            if let Err(wait) = bucket.take(rate, chunk.offered, now_instant) {
+                let detail = format!("over {rate} recipients per second");
+                let _ = reply.send(refuse(
+                    &request,
+                    ErrorCode::RateLimited,
+                    wait.max(1),
+                    detail,
+                ));
+                return;
+            }
         }
 
+        let expires_at_ms = c.record.expires_at_ms;
+        let record = ChunkRecord {
+            accepted: chunk.accepted() as u32,
+            rejected: chunk.rejected as u32,
+        };
         let mut batch = WriteBatch::default();
-        let mut pushed = Vec::with_capacity(bodies.len());
-        for (platform, body) in bodies {
-            let item = self.reserve_unchecked(platform, Lane::Bulk, expires_at_ms, body);
-            pushed.push(item.clone());
-            batch.push.push(NewItem { item, dedup: None });
+        let mut pushed = Vec::new();
+        let mut accepted = Vec::with_capacity(chunk.platforms.len());
+        for (platform, n, bodies) in chunk.platforms {
+            for body in bodies {
+                let item =
+                    self.reserve_unchecked(platform.clone(), Lane::Bulk, expires_at_ms, body);
+                pushed.push(item.clone());
+                batch.push.push(NewItem { item, dedup: None });
+            }
+            accepted.push((platform, n));
         }
         let Some(c) = self.campaigns.get_mut(&id) else {
             return;
         };
-        let chunk = ChunkRecord {
-            accepted: (n - rejected) as u32,
-            rejected: rejected as u32,
-        };
-        for (platform, k) in &accepted {
-            c.platforms.entry(platform.clone()).or_default().accepted += k;
+        for (platform, n) in &accepted {
+            c.platforms.entry(platform.clone()).or_default().accepted += n;
         }
-        c.rejected += rejected;
-        c.chunks.insert(seq, (chunk, false));
+        c.rejected += chunk.rejected;
+        c.chunks.insert(seq, (record, false));
         batch.meta.push((
             campaign::chunk_key(&id, seq),
-            Some(chunk.encode_to_vec().into()),
+            Some(record.encode_to_vec().into()),
         ));
         self.dirty.insert(id);
         self.write_dirty(&mut batch);
         debug!(
             campaign = hex::encode(id),
             seq,
-            accepted = chunk.accepted,
-            rejected,
+            accepted = record.accepted,
+            rejected = record.rejected,
             items = pushed.len(),
             "campaign chunk"
         );
@@ -514,15 +460,15 @@ impl Router {
                 answer: Kind::CampaignAck(CampaignAck {
                     campaign_id: Bytes::copy_from_slice(&id),
                     seq,
-                    accepted: chunk.accepted,
-                    rejected: chunk.rejected,
+                    accepted: record.accepted,
+                    rejected: record.rejected,
                     duplicate: false,
                 }),
                 pushed,
                 undo: Undo::Chunk {
                     seq,
                     accepted,
-                    rejected,
+                    rejected: chunk.rejected,
                 },
             },
         )

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use federation_spec::lane::{self, LANES};
 use federation_spec::proto::frame::Kind;
 use federation_spec::proto::{
-    BulkDeliver, CampaignAck, CampaignStatus, ErrorCode, Expired, Frame, Lane, Rejected,
+    CampaignAck, CampaignStatus, ErrorCode, Expired, Frame, Lane, Rejected,
 };
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
@@ -418,8 +418,6 @@ pub struct Router {
     discarded: Vec<Item>,
     /// Requests to handle again once the commits before them completed.
     retries: Vec<(String, CampaignRequest, oneshot::Sender<Kind>)>,
-    /// Room for recipients in one BulkDeliver, after the envelope and the framing.
-    max_frame_bytes: usize,
 }
 
 /// A value written by a background job and taken by the router.
@@ -447,8 +445,6 @@ pub struct RouterConfig {
     pub notice_ttl_ms: u64,
     /// Campaign defaults.
     pub campaigns: Campaigns,
-    /// Largest frame sent to a peer.
-    pub max_frame_bytes: usize,
 }
 
 impl Router {
@@ -489,7 +485,6 @@ impl Router {
             bulk_held: HashSet::new(),
             discarded: Vec::new(),
             retries: Vec::new(),
-            max_frame_bytes: config.max_frame_bytes,
         };
         router.campaigns = load_campaigns(&*router.store)?;
         for state in router.store.recover()? {

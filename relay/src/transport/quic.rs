@@ -125,7 +125,8 @@ async fn read_stream(
 ) {
     let mut decoder = FrameDecoder::new(limit.get());
     let mut buf = vec![0u8; 64 * 1024];
-    let outcome: Result<(), ProtocolError> = async {
+    // Ok(true): the peer ended (finished or reset) the stream; Ok(false): the session is gone.
+    let outcome: Result<bool, ProtocolError> = async {
         loop {
             decoder.set_max_frame(limit.get());
             while let Some(frame) = decoder.next_frame()? {
@@ -143,26 +144,35 @@ async fn read_stream(
                     continue;
                 }
                 if tx.send(Inbound::Frame(frame)).await.is_err() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
             match recv.read(&mut buf).await {
                 Ok(Some(n)) => decoder.extend(&buf[..n]),
-                Ok(None) => return decoder.finish(),
-                Err(_) => return Ok(()),
+                Ok(None) => return decoder.finish().map(|()| true),
+                Err(_) => return Ok(true),
             }
         }
     }
     .await;
-    if let Err(e) = outcome {
-        let _ = tx.send(Inbound::Error(e)).await;
-    }
-    if let Some(conn) = control_of {
-        // Nothing can be said after the control stream ends; give the session a moment to
-        // drain what was read, then the connection goes.
-        drop(tx);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        conn.close(0u32.into(), b"control stream ended");
+    match outcome {
+        // The session answers with Goaway{code} and closes the connection with that code
+        // (SPEC.md 2.2.5). Closing here as well (code 0, after 200 ms) used to win that race
+        // for every framing error on the control stream, and could cut the Goaway short.
+        Err(e) => {
+            let _ = tx.send(Inbound::Error(e)).await;
+        }
+        // The session ended and is closing the connection with its own code.
+        Ok(false) => {}
+        Ok(true) => {
+            if let Some(conn) = control_of {
+                // Nothing can be said after the control stream ends; give the session a
+                // moment to drain what was read, then the connection goes.
+                drop(tx);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                conn.close(0u32.into(), b"control stream ended");
+            }
+        }
     }
 }
 

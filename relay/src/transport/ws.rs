@@ -28,6 +28,8 @@ use tracing::debug;
 pub const OUT_QUEUE: usize = 32 * 1024;
 /// Frames sent together are packed into messages of at most this many bytes.
 const MAX_MESSAGE: usize = 256 * 1024;
+/// How long a closed connection waits for the peer's WebSocket Close before the socket goes.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Accepts connections until `listener` fails, handing each to `handler`.
 pub async fn serve(
@@ -122,13 +124,19 @@ where
     let (sink, stream) = ws.split();
     let limit = FrameLimit::new();
     let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
-    tokio::spawn(read(stream, in_tx, limit.clone()));
+    let reader = tokio::spawn(read(stream, in_tx, limit.clone()));
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
-    tokio::spawn(write(sink, out_rx));
+    let writer = tokio::spawn(write(sink, out_rx));
     Ok(Connection {
         inbound: in_rx,
         outbound: Outbound {
-            inner: OutboundInner::Ws(WsOut { tx: out_tx }),
+            inner: OutboundInner::Ws(WsOut {
+                tx: out_tx,
+                tasks: Arc::new(Tasks {
+                    reader: reader.abort_handle(),
+                    writer: writer.abort_handle(),
+                }),
+            }),
             limit,
         },
         binding,
@@ -234,6 +242,14 @@ where
 #[derive(Clone)]
 pub struct WsOut {
     tx: mpsc::Sender<Out>,
+    tasks: Arc<Tasks>,
+}
+
+/// The connection's reader and writer tasks. Each holds half of the socket, so the socket is
+/// gone only when both have ended.
+struct Tasks {
+    reader: tokio::task::AbortHandle,
+    writer: tokio::task::AbortHandle,
 }
 
 impl WsOut {
@@ -244,13 +260,30 @@ impl WsOut {
         })
     }
 
+    /// Sends what is queued, `last` and a Close, then lets the socket go. The socket is
+    /// released even when the peer does not cooperate (SPEC.md 11.5): a peer that does not
+    /// read leaves the writer stuck on a full socket with its queue, and a peer that neither
+    /// answers the Close nor sends anything leaves the reader waiting; either used to keep
+    /// the socket (and the queue) for as long as the peer kept the connection open.
     pub(super) async fn close(&self, last: Option<Bytes>, code: u32) {
         if let Some(frame) = last {
             let _ = self.tx.try_send(Out::Frame(frame));
         }
         let (done, wait) = oneshot::channel();
-        if self.tx.try_send(Out::Finish(code, done)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(3), wait).await;
+        let sent = self.tx.try_send(Out::Finish(code, done)).is_ok()
+            && matches!(
+                tokio::time::timeout(Duration::from_secs(3), wait).await,
+                Ok(Ok(()))
+            );
+        if sent {
+            let reader = self.tasks.reader.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(CLOSE_GRACE).await;
+                reader.abort();
+            });
+        } else {
+            self.tasks.writer.abort();
+            self.tasks.reader.abort();
         }
     }
 }

@@ -190,9 +190,10 @@ pub async fn run(a: &BulkArgs) -> Result<Report, Error> {
     }
     let extra = format!(
         "[campaigns]\nmax_bulk_rate = {}\nmax_campaign_recipients = {}\n\
-         max_recipients_per_s = 0\nmax_chunk_recipients = {}\n",
+         max_recipients_per_s = {}\nmax_chunk_recipients = {}\n",
         a.bulk_rate,
         a.recipients.max(1),
+        a.accept_rate,
         a.chunk
     );
     let mut session = Session::open(&a.target, &a.workload, false, &extra).await?;
@@ -279,6 +280,7 @@ pub async fn run(a: &BulkArgs) -> Result<Report, Error> {
         "platforms": platforms,
         "chunk": a.chunk,
         "bulk_rate_per_platform": a.bulk_rate,
+        "accept_rate": a.accept_rate,
         "accepted_recipients_per_s": a.recipients as f64 / camp.accept_s.max(1e-9),
         "delivered_recipients_per_s": delivered as f64 / camp.deliver_s.max(1e-9),
         "accept_s": camp.accept_s,
