@@ -67,6 +67,10 @@ pub struct AdminState {
 
 /// The admin routes.
 pub fn router(state: Arc<AdminState>) -> Router {
+    let gate = Arc::new(Gate {
+        token: state.token.clone(),
+        metrics: state.metrics.clone(),
+    });
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -75,12 +79,18 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/queues", get(queues))
         .route("/v1/campaigns", get(campaigns))
         .route("/v1/campaigns/{id}", get(campaign))
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn_with_state(gate, guard))
         .with_state(state)
 }
 
+/// What the access check needs: the token, and where refusals are counted.
+struct Gate {
+    token: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
 async fn guard(
-    State(state): State<Arc<AdminState>>,
+    State(gate): State<Arc<Gate>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
@@ -90,15 +100,11 @@ async fn guard(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match access(remote.ip(), state.token.as_deref(), presented) {
+    match access(remote.ip(), gate.token.as_deref(), presented) {
         Ok(()) => next.run(req).await,
         Err(reason) => {
             warn!(%remote, path = %req.uri().path(), reason, "admin request refused");
-            state
-                .metrics
-                .admin_denied
-                .with_label_values(&[reason])
-                .inc();
+            gate.metrics.admin_denied.with_label_values(&[reason]).inc();
             (
                 StatusCode::UNAUTHORIZED,
                 "admin API: loopback only, or a bearer token\n",
@@ -114,7 +120,10 @@ fn access(
     token: Option<&str>,
     presented: Option<&str>,
 ) -> Result<(), &'static str> {
-    if remote.is_loopback() {
+    // A listener on an IPv6 socket (`[::]:7702`, or `[::ffff:127.0.0.1]`) sees IPv4 clients
+    // as IPv4-mapped addresses, which `is_loopback` alone does not count as loopback:
+    // 127.0.0.1 was refused there.
+    if remote.to_canonical().is_loopback() {
         return Ok(());
     }
     match (token, presented) {
@@ -236,5 +245,106 @@ mod tests {
             Err("wrong token")
         );
         assert_eq!(access(far, Some("s3cret"), Some("s3cret")), Ok(()));
+        let mapped_lo: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let mapped_far: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        assert_eq!(access(mapped_lo, None, None), Ok(()));
+        assert_eq!(access(mapped_far, None, None), Err("no token configured"));
+        assert_eq!(access("::1".parse().unwrap(), None, None), Ok(()));
+    }
+
+    /// Captures what the relay logs, for the test that owns the guard.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    async fn get_with(addr: SocketAddr, auth: Option<&str>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        s.write_all(
+            format!("GET /x HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// The guard over real HTTP on 127.0.0.1, with the client's address replaced by a
+    /// non-loopback one in front of it (every connection a test can make comes from
+    /// loopback): refused with 401 unless the token is right, and every refusal logged and
+    /// counted in `relay_admin_denied_total{reason}`.
+    #[tokio::test]
+    async fn non_loopback_requests_are_refused_logged_and_counted() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        // The runtime of this test is single-threaded, so the server's tasks log here too.
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let metrics = Arc::new(Metrics::new());
+        let far: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+        let serve = |token: Option<&str>| {
+            let gate = Arc::new(Gate {
+                token: token.map(String::from),
+                metrics: metrics.clone(),
+            });
+            let app = Router::new()
+                .route("/x", get(|| async { "ok" }))
+                .layer(middleware::from_fn_with_state(gate, guard))
+                .layer(middleware::map_request(
+                    move |mut req: Request| async move {
+                        req.extensions_mut().insert(ConnectInfo(far));
+                        req
+                    },
+                ))
+                .into_make_service_with_connect_info::<SocketAddr>();
+            async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                tokio::spawn(async move { axum::serve(listener, app).await });
+                addr
+            }
+        };
+        let open = serve(None).await;
+        assert_eq!(get_with(open, None).await, 401);
+        assert_eq!(get_with(open, Some("Bearer anything")).await, 401);
+        let guarded = serve(Some("s3cret")).await;
+        assert_eq!(get_with(guarded, None).await, 401);
+        assert_eq!(get_with(guarded, Some("Bearer s3cre")).await, 401);
+        assert_eq!(get_with(guarded, Some("Basic s3cret")).await, 401);
+        assert_eq!(get_with(guarded, Some("Bearer s3cret")).await, 200);
+
+        let text = metrics.render();
+        for (reason, count) in [
+            ("no token configured", 2),
+            ("missing token", 2),
+            ("wrong token", 1),
+        ] {
+            let line = format!("relay_admin_denied_total{{reason=\"{reason}\"}} {count}");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            logged.matches("admin request refused").count(),
+            5,
+            "{logged}"
+        );
+        assert!(logged.contains("203.0.113.9"), "{logged}");
     }
 }

@@ -3,6 +3,8 @@
 //! SIGTERM), and SDK clients acting as the demo platforms.
 #![allow(dead_code)]
 
+pub mod quic;
+
 use federation_spec::keyfile::KeyFile;
 use relay::server::Relay;
 use std::io::{BufRead, BufReader};
@@ -18,8 +20,14 @@ pub const FAST_EXPIRY: &str = "";
 /// `extra` TOML sections added (e.g. "[limits]\nmax_inflight = 10\n").
 pub fn setup(extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    relay::demo::bootstrap(dir.path()).expect("bootstrap");
-    let path = relay::demo::config_path(dir.path());
+    setup_in(dir.path(), extra);
+    dir
+}
+
+/// [`setup`] into an existing directory (a mount point, say).
+pub fn setup_in(dir: &Path, extra: &str) {
+    relay::demo::bootstrap(dir).expect("bootstrap");
+    let path = relay::demo::config_path(dir);
     let text = std::fs::read_to_string(&path).expect("config");
     let text = text
         .replace("quic = \"127.0.0.1:7700\"", "quic = \"127.0.0.1:0\"")
@@ -31,7 +39,6 @@ pub fn setup(extra: &str) -> tempfile::TempDir {
         None => format!("{text}\n{extra}"),
     };
     std::fs::write(&path, text).expect("write config");
-    dir
 }
 
 /// A relay running in this process.
@@ -60,6 +67,16 @@ impl InProcess {
     pub fn admin(&self) -> SocketAddr {
         self.relay.admin_addr.expect("admin")
     }
+
+    /// Where its listeners are, for the transport-agnostic helpers.
+    pub fn target(&self) -> Target {
+        Target {
+            ws: self.relay.ws_addr.expect("ws"),
+            quic: self.relay.quic_addr.expect("quic"),
+            admin: self.admin(),
+            dir: self.dir.path().to_path_buf(),
+        }
+    }
 }
 
 /// The key file of a demo peer.
@@ -77,18 +94,59 @@ pub struct ChildRelay {
     pub quic: SocketAddr,
     pub ws: SocketAddr,
     pub admin: SocketAddr,
+    log: Option<PathBuf>,
 }
 
 impl ChildRelay {
     /// Starts the binary on the config in `dir` and waits for its banner.
     pub fn start(dir: &Path) -> Self {
+        Self::spawn(dir, Stdio::inherit(), "warn")
+    }
+
+    /// [`ChildRelay::start`], with its log (warnings and up) written to `dir/relay.log`
+    /// instead of the test's stderr, for tests that check what the relay logs.
+    pub fn start_logged(dir: &Path) -> Self {
+        Self::start_logged_at(dir, &dir.join("relay.log"))
+    }
+
+    /// [`ChildRelay::start_logged`] with the log at `log` (appended to).
+    pub fn start_logged_at(dir: &Path, log: &Path) -> Self {
+        Self::start_filtered(dir, log, "warn")
+    }
+
+    /// [`ChildRelay::start_logged`] with the relay's own debug lines too (every refusal of a
+    /// message is logged at debug).
+    pub fn start_debug_logged(dir: &Path) -> Self {
+        Self::start_filtered(dir, &dir.join("relay.log"), "warn,relay=debug")
+    }
+
+    fn start_filtered(dir: &Path, log: &Path, filter: &str) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut relay = Self::spawn(dir, Stdio::from(file), filter);
+        relay.log = Some(log.to_path_buf());
+        relay
+    }
+
+    /// What the relay logged so far (with [`ChildRelay::start_logged`]).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    fn spawn(dir: &Path, stderr: Stdio, filter: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
             .arg("serve")
             .arg("--config")
             .arg(relay::demo::config_path(dir))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("relay binary starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -116,6 +174,7 @@ impl ChildRelay {
             quic,
             ws,
             admin,
+            log: None,
         }
     }
 
@@ -125,6 +184,40 @@ impl ChildRelay {
 
     pub fn ws_url(&self) -> String {
         format!("ws://{}", self.ws)
+    }
+
+    /// Where its listeners are, for the transport-agnostic helpers.
+    pub fn target(&self) -> Target {
+        Target {
+            ws: self.ws,
+            quic: self.quic,
+            admin: self.admin,
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Its resident memory, KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("relay process status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Its open file descriptors (sockets included).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .expect("relay process fds")
+            .count()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn kill9(&mut self) {
@@ -163,12 +256,18 @@ impl Drop for ChildRelay {
 
 /// GET over plain HTTP/1.1 on loopback: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get_with(addr, path, "").await
+}
+
+/// [`http_get`] with extra header lines (each ending in CRLF).
+pub async fn http_get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .expect("admin connect");
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .expect("write");
@@ -334,5 +433,219 @@ pub fn envelope(
         ttl_s: 0,
         content_type: "text/plain".into(),
         payload: bytes::Bytes::copy_from_slice(text.as_bytes()),
+    }
+}
+
+/// The value of one Prometheus series (name with its labels, as rendered) in `text`, 0 when
+/// absent (a counter never incremented is not rendered).
+pub fn metric_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// [`metric_in`] on a fresh scrape of the admin API.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    metric_in(&http_get(admin, "/metrics").await.1, series)
+}
+
+/// Where a relay listens, in process or as a child.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub ws: SocketAddr,
+    pub quic: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+}
+
+/// The two transports, for cases that run on both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Quic,
+}
+
+impl Transport {
+    pub const BOTH: [Transport; 2] = [Transport::Ws, Transport::Quic];
+
+    /// A transport connection, no handshake.
+    pub async fn open(self, t: &Target) -> Wire {
+        match self {
+            Transport::Ws => Wire::Ws(RawPeer::open(t.ws).await),
+            Transport::Quic => Wire::Quic(quic::QuicPeer::open(t.quic, &t.dir).await),
+        }
+    }
+
+    /// An authenticated session as the demo peer `peer`.
+    pub async fn connect(self, t: &Target, peer: &str) -> Wire {
+        let secret = key(&t.dir, peer).secret;
+        match self {
+            Transport::Ws => Wire::Ws(
+                RawPeer::connect(t.ws, peer, secret)
+                    .await
+                    .expect("handshake succeeds"),
+            ),
+            Transport::Quic => Wire::Quic(
+                quic::QuicPeer::connect(t.quic, &t.dir, peer, secret)
+                    .await
+                    .expect("handshake succeeds"),
+            ),
+        }
+    }
+}
+
+/// A raw peer on either transport.
+pub enum Wire {
+    Ws(RawPeer),
+    Quic(quic::QuicPeer),
+}
+
+impl Wire {
+    pub async fn send(&mut self, frame: &federation_spec::proto::Frame) {
+        match self {
+            Wire::Ws(p) => p.send(frame).await,
+            Wire::Quic(p) => p.send(frame).await,
+        }
+    }
+
+    /// Raw bytes: one binary WebSocket message, or bytes on the QUIC control stream.
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) {
+        match self {
+            Wire::Ws(p) => p.send_bytes(bytes).await,
+            Wire::Quic(p) => {
+                let _ = p.send_bytes(&bytes).await;
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Option<federation_spec::proto::Frame> {
+        match self {
+            Wire::Ws(p) => p.recv().await,
+            Wire::Quic(p) => p.recv().await,
+        }
+    }
+
+    /// Reads until the relay ends the session; the Goaway seen, if any.
+    pub async fn goaway(&mut self) -> Option<federation_spec::proto::Goaway> {
+        match self {
+            Wire::Ws(p) => p.goaway().await,
+            Wire::Quic(p) => p.goaway().await,
+        }
+    }
+
+    pub fn quic(&mut self) -> &mut quic::QuicPeer {
+        match self {
+            Wire::Quic(p) => p,
+            Wire::Ws(_) => panic!("not a QUIC peer"),
+        }
+    }
+
+    pub fn ws(&mut self) -> &mut RawPeer {
+        match self {
+            Wire::Ws(p) => p,
+            Wire::Quic(_) => panic!("not a WebSocket peer"),
+        }
+    }
+}
+
+/// A well-behaved pair of peers that checks the relay still serves while others abuse it:
+/// `gamma` sends over QUIC, `beta` receives over WebSocket, each message end to end with
+/// its Accepted, delivery and Ack. Abusers must not use `gamma` or `beta`.
+pub struct Witness {
+    sender: quic::QuicPeer,
+    receiver: RawPeer,
+    secret: ed25519_dalek::SigningKey,
+    sent: u32,
+    /// The slowest round trip seen.
+    pub worst: Duration,
+}
+
+impl Witness {
+    pub async fn start(t: &Target) -> Self {
+        let secret = key(&t.dir, "gamma").secret;
+        let sender = quic::QuicPeer::connect(t.quic, &t.dir, "gamma", secret.clone())
+            .await
+            .expect("witness gamma connects");
+        let receiver = RawPeer::connect(t.ws, "beta", key(&t.dir, "beta").secret)
+            .await
+            .expect("witness beta connects");
+        Self {
+            sender,
+            receiver,
+            secret,
+            sent: 0,
+            worst: Duration::ZERO,
+        }
+    }
+
+    /// One message from gamma to beta: accepted, delivered, acked, all within `bound`.
+    pub async fn check(&mut self, bound: Duration) {
+        use federation_spec::proto::{Ack, Frame, frame::Kind};
+        self.sent += 1;
+        let mut id = [0xee; 16];
+        id[..4].copy_from_slice(&self.sent.to_be_bytes());
+        let started = std::time::Instant::now();
+        let frame = deliver(&envelope(id, "w@gamma", "w@beta", "witness"), &self.secret);
+        self.sender
+            .send_lane(federation_spec::proto::Lane::Chat, &frame)
+            .await;
+        let accepted = async {
+            loop {
+                match self.sender.recv().await.expect("witness sender open").kind {
+                    Some(Kind::Accepted(a)) if a.id.as_ref() == id => return,
+                    // Messages others sent to gamma: taken and acked.
+                    Some(Kind::Deliver(d)) => {
+                        self.sender
+                            .send(&Frame {
+                                kind: Some(Kind::Ack(Ack { tags: vec![d.tag] })),
+                            })
+                            .await
+                    }
+                    Some(Kind::Pong(_)) => {}
+                    other => panic!("witness sender got {other:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(bound, accepted)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "witness message {} not accepted within {bound:?}",
+                    self.sent
+                )
+            });
+        let delivered = async {
+            loop {
+                let frame = self.receiver.recv().await.expect("witness receiver open");
+                if let Some(Kind::Deliver(d)) = frame.kind {
+                    let env: federation_spec::proto::Envelope =
+                        prost::Message::decode(d.envelope.clone()).expect("envelope");
+                    self.receiver
+                        .send(&Frame {
+                            kind: Some(Kind::Ack(Ack { tags: vec![d.tag] })),
+                        })
+                        .await;
+                    if env.id.as_ref() == id {
+                        return;
+                    }
+                    // An earlier witness message delivered again: acked above, not the one.
+                }
+            }
+        };
+        tokio::time::timeout(bound, delivered)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "witness message {} not delivered within {bound:?}",
+                    self.sent
+                )
+            });
+        self.worst = self.worst.max(started.elapsed());
     }
 }
