@@ -30,6 +30,10 @@ pub struct Health {
     pub draining: AtomicBool,
     /// The store's last commit succeeded.
     pub store_ok: Arc<AtomicBool>,
+    /// The store is under its disk quota (`store.max_disk_mb`).
+    pub disk_quota_ok: Arc<AtomicBool>,
+    /// The router task is running (false: it failed; the relay cannot route).
+    pub router_ok: AtomicBool,
 }
 
 impl Health {
@@ -44,6 +48,12 @@ impl Health {
         }
         if !self.store_ok.load(Ordering::Relaxed) {
             why.push("store cannot write");
+        }
+        if !self.disk_quota_ok.load(Ordering::Relaxed) {
+            why.push("store over its disk quota");
+        }
+        if !self.router_ok.load(Ordering::Relaxed) {
+            why.push("router stopped");
         }
         why
     }

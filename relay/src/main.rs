@@ -72,6 +72,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         tracing::error!(error = %e, "reload refused; the previous registry stays");
                     }
                 }
+                _ = relay.router_failed() => {
+                    relay.shutdown(Duration::from_secs(10)).await;
+                    anyhow::bail!("the router task failed (see the log); the relay stopped so that it can be restarted");
+                }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -84,9 +88,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn init_logging(log: &config::Log) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.filter));
+    // A log line that cannot be written (stderr on a full disk) must not take the relay down:
+    // tracing-subscriber reports its own write errors by printing to stderr, which panics
+    // when stderr is the full disk.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false);
     if log.format == "json" {
         builder.json().init();
     } else {

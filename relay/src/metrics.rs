@@ -33,6 +33,9 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     /// Admin requests refused (non-loopback without the token).
     pub admin_denied: IntCounterVec,
+    /// Sessions the relay closed with a Goaway, by its code (protocol errors, flow control,
+    /// idle timeout, revoked key, shutdown).
+    pub sessions_closed: IntCounterVec,
     /// Campaign recipients by outcome: accepted, rejected, delivered, expired, cancelled.
     pub campaign_recipients: IntCounterVec,
     /// Campaigns known to the relay, by state.
@@ -135,6 +138,11 @@ impl Metrics {
                 "relay_admin_denied_total",
                 "Admin requests refused.",
                 &["reason"],
+            ),
+            sessions_closed: counter(
+                "relay_sessions_closed_total",
+                "Sessions closed by the relay with a Goaway, by code.",
+                &["code"],
             ),
             campaign_recipients: counter(
                 "relay_campaign_recipients_total",

@@ -63,7 +63,10 @@ pub struct Relay {
     registry_tx: watch::Sender<Arc<Registry>>,
     shutdown_tx: watch::Sender<bool>,
     router: RouterHandle,
+    /// Waits for the router task and reports its failure.
     router_task: JoinHandle<()>,
+    router_abort: tokio::task::AbortHandle,
+    router_failed: Arc<tokio::sync::Notify>,
     writer_thread: std::thread::JoinHandle<()>,
     quic: Option<quinn::Endpoint>,
     accept_tasks: Vec<JoinHandle<()>>,
@@ -78,6 +81,8 @@ impl Relay {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
         health.store_ok.store(true, Ordering::Relaxed);
+        health.disk_quota_ok.store(true, Ordering::Relaxed);
+        health.router_ok.store(true, Ordering::Relaxed);
 
         let relay_key_path = loaded.resolve(&cfg.relay_key);
         let relay_key = std::fs::read_to_string(&relay_key_path)
@@ -124,8 +129,25 @@ impl Relay {
                 campaigns: cfg.campaigns,
             },
             metrics.clone(),
-            health.store_ok.clone(),
+            &health,
         )?;
+        // A router that fails (a panic) leaves a process that cannot route: say so at
+        // /readyz and tell `main`, which stops the relay so that its supervisor restarts it.
+        let router_abort = router_task.abort_handle();
+        let router_failed = Arc::new(tokio::sync::Notify::new());
+        let router_task = {
+            let health = health.clone();
+            let failed = router_failed.clone();
+            tokio::spawn(async move {
+                if let Err(e) = router_task.await
+                    && !e.is_cancelled()
+                {
+                    tracing::error!(error = %e, "the router task failed; the relay cannot route and stops");
+                    health.router_ok.store(false, Ordering::Relaxed);
+                    failed.notify_one();
+                }
+            })
+        };
 
         let shared = Arc::new(Shared::new(
             relay_key.clone(),
@@ -256,6 +278,8 @@ impl Relay {
             shutdown_tx,
             router,
             router_task,
+            router_abort,
+            router_failed,
             writer_thread,
             quic,
             accept_tasks,
@@ -272,6 +296,11 @@ impl Relay {
             .send_replace(Arc::new(Registry::new(loaded.peers)));
         info!(peers = count, "peer registry reloaded");
         Ok(count)
+    }
+
+    /// Resolves if the router task fails: the relay cannot route any more and must stop.
+    pub async fn router_failed(&self) {
+        self.router_failed.notified().await;
     }
 
     /// Drains and stops: no new connections, Goaway to every session, answers for what is in
@@ -298,7 +327,7 @@ impl Relay {
         }
         let _ = self.router.flush().await;
         drop(self.router);
-        self.router_task.abort();
+        self.router_abort.abort();
         let _ = self.router_task.await;
         if let Some(q) = self.quic {
             q.close(0u32.into(), b"relay stopped");

@@ -264,12 +264,23 @@ async fn finish(outbound: &Outbound, end: End, metrics: &Metrics) {
         }),
         End::Closed => None,
         End::Drained => {
+            metrics
+                .sessions_closed
+                .with_label_values(&[ErrorCode::ShuttingDown.as_str_name()])
+                .inc();
             outbound
                 .close_after_goaway(ErrorCode::ShuttingDown as u32)
                 .await;
             return;
         }
     };
+    if let Some(g) = &goaway {
+        let code = ErrorCode::try_from(g.code).unwrap_or(ErrorCode::Internal);
+        metrics
+            .sessions_closed
+            .with_label_values(&[code.as_str_name()])
+            .inc();
+    }
     outbound.close(goaway).await;
 }
 
@@ -493,6 +504,11 @@ impl Session {
         self.outbound
             .send(lane, federation_spec::frame::encode_to_bytes(frame))
             .map_err(|_| {
+                warn!(
+                    session = self.id,
+                    peer = self.peer,
+                    "peer not reading its answers; closing"
+                );
                 End::Goaway(
                     ErrorCode::FlowControl,
                     "outbound queue full: the peer does not read".into(),

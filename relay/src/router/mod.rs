@@ -58,6 +58,8 @@ pub const BUSY_RETRY_MS: u32 = 1000;
 const PRUNE_BATCH: usize = 500_000;
 /// Compact at most this often, and only with every queue empty.
 const COMPACT_EVERY: Duration = Duration::from_secs(60);
+/// Over the disk quota, compaction is tried at most this often.
+const COMPACT_OVER_QUOTA_EVERY: Duration = Duration::from_secs(10);
 /// Compaction is worth it only above this file size.
 const COMPACT_ABOVE_BYTES: u64 = 64 << 20;
 /// How often destinations held back by their bulk rate are tried again.
@@ -392,6 +394,8 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// False while the store cannot write (disk full, I/O errors): /readyz reports it.
     store_ok: Arc<AtomicBool>,
+    /// False while the store is over `max_disk_bytes`: /readyz reports it.
+    quota_ok: Arc<AtomicBool>,
     disk_full: bool,
     queues: HashMap<QueueKey, Queue>,
     dests: HashMap<String, Dest>,
@@ -403,7 +407,6 @@ pub struct Router {
     acked: Vec<Item>,
     housekeeping: Arc<AtomicBool>,
     last_compaction: std::time::Instant,
-    disk_bytes: LatestValue,
     campaigns: HashMap<CampaignId, Campaign>,
     campaign_config: Campaigns,
     /// Campaigns whose counters changed since they were last written.
@@ -418,21 +421,6 @@ pub struct Router {
     discarded: Vec<Item>,
     /// Requests to handle again once the commits before them completed.
     retries: Vec<(String, CampaignRequest, oneshot::Sender<Kind>)>,
-}
-
-/// A value written by a background job and taken by the router.
-#[derive(Clone, Default)]
-struct LatestValue(Arc<std::sync::Mutex<Option<u64>>>);
-
-impl LatestValue {
-    fn set(&self, v: u64) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(v);
-        }
-    }
-    fn take(&self) -> Option<u64> {
-        self.0.lock().ok().and_then(|mut slot| slot.take())
-    }
 }
 
 /// Settings of the router.
@@ -455,7 +443,7 @@ impl Router {
         registry: RegistryWatch,
         config: RouterConfig,
         metrics: Arc<Metrics>,
-        store_ok: Arc<AtomicBool>,
+        health: &crate::admin::Health,
     ) -> Result<(RouterHandle, tokio::task::JoinHandle<()>), StoreError> {
         let mut router = Router {
             store,
@@ -465,7 +453,8 @@ impl Router {
             max_disk_bytes: config.max_disk_bytes,
             notice_ttl_ms: config.notice_ttl_ms,
             metrics,
-            store_ok,
+            store_ok: health.store_ok.clone(),
+            quota_ok: health.disk_quota_ok.clone(),
             disk_full: false,
             queues: HashMap::new(),
             dests: HashMap::new(),
@@ -476,7 +465,6 @@ impl Router {
             acked: Vec::new(),
             housekeeping: Arc::new(AtomicBool::new(false)),
             last_compaction: std::time::Instant::now(),
-            disk_bytes: LatestValue::default(),
             campaigns: HashMap::new(),
             campaign_config: config.campaigns,
             dirty: HashSet::new(),
@@ -1262,8 +1250,32 @@ impl Router {
         if ticks.is_multiple_of(10) && !self.housekeeping.swap(true, Ordering::AcqRel) {
             self.spawn_housekeeping(now);
         }
-        if let Some(bytes) = self.disk_bytes.take() {
-            self.disk_full = self.max_disk_bytes > 0 && bytes >= self.max_disk_bytes;
+        if self.max_disk_bytes > 0 {
+            // Every second (a file-size lookup), so a fast writer overshoots by at most a
+            // second's worth.
+            match self.store.disk_bytes() {
+                Ok(bytes) => {
+                    let full = bytes >= self.max_disk_bytes;
+                    if full != self.disk_full {
+                        if full {
+                            warn!(
+                                bytes,
+                                quota = self.max_disk_bytes,
+                                "store over its disk quota: answering busy"
+                            );
+                        } else {
+                            tracing::info!(
+                                bytes,
+                                quota = self.max_disk_bytes,
+                                "store back under its disk quota"
+                            );
+                        }
+                    }
+                    self.disk_full = full;
+                    self.quota_ok.store(!full, Ordering::Relaxed);
+                }
+                Err(e) => warn!(error = %e, "cannot read the store's size"),
+            }
         }
         for (dest, d) in &self.dests {
             self.metrics
@@ -1283,11 +1295,15 @@ impl Router {
         let store = self.store.clone();
         let running = self.housekeeping.clone();
         let drained = self.dests.values().all(|d| d.count == 0) && self.pending.is_empty();
-        let compact = drained && self.last_compaction.elapsed() > COMPACT_EVERY;
+        // Over the disk quota, the file only shrinks by compaction: try once what is queued
+        // has fallen well below the quota (so that there is space to win back).
+        let queued: u64 = self.dests.values().map(|d| d.bytes).sum();
+        let reclaim = self.disk_full && queued < self.max_disk_bytes / 2;
+        let compact = (drained || reclaim) && self.last_compaction.elapsed() > COMPACT_EVERY
+            || reclaim && self.last_compaction.elapsed() > COMPACT_OVER_QUOTA_EVERY;
         if compact {
             self.last_compaction = std::time::Instant::now();
         }
-        let report = self.disk_bytes.clone();
         tokio::task::spawn_blocking(move || {
             match store.prune_dedup(now, PRUNE_BATCH) {
                 Ok(n) if n > 0 => debug!(pruned = n, "dedup entries pruned"),
@@ -1297,18 +1313,18 @@ impl Router {
             match store.disk_bytes() {
                 Ok(bytes) => {
                     // After a surge has drained, give the space back to the file system.
-                    if compact && bytes > COMPACT_ABOVE_BYTES {
+                    if compact && (bytes > COMPACT_ABOVE_BYTES || reclaim) {
                         match store.compact() {
                             Ok(true) => tracing::info!(
                                 before = bytes,
                                 after = store.disk_bytes().unwrap_or(0),
-                                "store compacted after drain"
+                                over_quota = reclaim,
+                                "store compacted"
                             ),
                             Ok(false) => {}
                             Err(e) => warn!(error = %e, "compaction failed"),
                         }
                     }
-                    report.set(store.disk_bytes().unwrap_or(bytes));
                 }
                 Err(e) => warn!(error = %e, "cannot read the store's size"),
             }
