@@ -172,11 +172,12 @@ pub async fn run(conn: Connection, shared: Arc<Shared>) {
         binding,
         kind,
         remote,
+        accepted_at,
     } = conn;
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let timeout = Duration::from_millis(shared.limits.handshake_timeout_ms);
-    let auth = match tokio::time::timeout(
-        timeout,
+    let auth = match tokio::time::timeout_at(
+        accepted_at + timeout,
         handshake(&mut inbound, &outbound, binding, &shared),
     )
     .await

@@ -72,6 +72,9 @@ pub struct Connection {
     pub kind: TransportKind,
     /// The peer's address.
     pub remote: SocketAddr,
+    /// When the socket was accepted: the handshake timeout counts from here, transport set-up
+    /// (TLS, the WebSocket upgrade, QUIC's control stream) included.
+    pub accepted_at: tokio::time::Instant,
 }
 
 /// The limit on inbound frame size, shared with the reader tasks so the session can raise it

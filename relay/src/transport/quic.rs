@@ -51,6 +51,7 @@ pub async fn serve(
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
+        let accepted_at = tokio::time::Instant::now();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let setup = async {
@@ -59,7 +60,10 @@ pub async fn serve(
                 Ok::<_, String>((conn, send, recv))
             };
             match tokio::time::timeout(handshake_timeout, setup).await {
-                Ok(Ok((conn, send, recv))) => handler(connection(conn, send, recv, remote)),
+                Ok(Ok((conn, send, recv))) => handler(Connection {
+                    accepted_at,
+                    ..connection(conn, send, recv, remote)
+                }),
                 Ok(Err(e)) => debug!(%remote, error = %e, "quic connection failed during set-up"),
                 Err(_) => debug!(%remote, "quic connection set-up timed out"),
             }
@@ -104,6 +108,7 @@ fn connection(
         },
         binding,
         kind: TransportKind::Quic,
+        accepted_at: tokio::time::Instant::now(),
         remote,
     }
 }

@@ -53,6 +53,7 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let handler = handler.clone();
         let acceptor = acceptor.clone();
+        let accepted_at = tokio::time::Instant::now();
         tokio::spawn(async move {
             let setup = async {
                 match acceptor {
@@ -75,7 +76,10 @@ pub async fn serve(
                 }
             };
             match tokio::time::timeout(handshake_timeout, setup).await {
-                Ok(Ok(conn)) => handler(conn),
+                Ok(Ok(conn)) => handler(Connection {
+                    accepted_at,
+                    ..conn
+                }),
                 Ok(Err(e)) => debug!(%remote, error = %e, "websocket set-up failed"),
                 Err(_) => debug!(%remote, "websocket set-up timed out"),
             }
@@ -141,6 +145,7 @@ where
         },
         binding,
         kind: TransportKind::Ws,
+        accepted_at: tokio::time::Instant::now(),
         remote,
     })
 }
