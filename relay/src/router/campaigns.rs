@@ -130,24 +130,8 @@ impl Router {
                     broadcaster = peer,
                     "campaign cancelled"
                 );
-                let batch = WriteBatch {
-                    meta: vec![(
-                        campaign::key(campaign::CAMPAIGN_PREFIX, &id),
-                        Some(c.record_bytes()),
-                    )],
-                    ..Default::default()
-                };
-                self.submit(
-                    batch,
-                    Pending::Campaign {
-                        id,
-                        reply: Some(reply),
-                        answer: Kind::CampaignStatus(status),
-                        pushed: Vec::new(),
-                        undo: Undo::Cancel,
-                    },
-                )
-                .await;
+                self.save_record(id, Some(reply), Kind::CampaignStatus(status), Undo::Cancel)
+                    .await;
             }
             CampaignRequest::End { chunks, .. } => {
                 let (accepted, rejected) = c.totals();
@@ -204,24 +188,7 @@ impl Router {
                 };
                 c.record.ended = true;
                 c.record.end_chunks = chunks;
-                let batch = WriteBatch {
-                    meta: vec![(
-                        campaign::key(campaign::CAMPAIGN_PREFIX, &id),
-                        Some(c.record_bytes()),
-                    )],
-                    ..Default::default()
-                };
-                self.submit(
-                    batch,
-                    Pending::Campaign {
-                        id,
-                        reply: Some(reply),
-                        answer,
-                        pushed: Vec::new(),
-                        undo: Undo::End,
-                    },
-                )
-                .await;
+                self.save_record(id, Some(reply), answer, Undo::End).await;
             }
             CampaignRequest::Chunk { seq, chunk, .. } => {
                 self.chunk(peer, id, seq, chunk, reply, now).await
@@ -475,6 +442,39 @@ impl Router {
         .await;
     }
 
+    /// Writes the campaign's record (and any changed counters), then answers `reply` with
+    /// `answer` once durable, or undoes the change and refuses.
+    pub(super) async fn save_record(
+        &mut self,
+        id: CampaignId,
+        reply: Option<oneshot::Sender<Kind>>,
+        answer: Kind,
+        undo: Undo,
+    ) {
+        let Some(c) = self.campaigns.get(&id) else {
+            return;
+        };
+        let mut batch = WriteBatch {
+            meta: vec![(
+                campaign::key(campaign::CAMPAIGN_PREFIX, &id),
+                Some(c.record_bytes()),
+            )],
+            ..Default::default()
+        };
+        self.write_dirty(&mut batch);
+        self.submit(
+            batch,
+            Pending::Campaign {
+                id,
+                reply,
+                answer,
+                pushed: Vec::new(),
+                undo,
+            },
+        )
+        .await;
+    }
+
     /// Handles `request` again once every commit submitted so far has completed: it found the
     /// step it repeats still being committed, and must answer as that commit turns out.
     pub(super) fn defer(
@@ -620,26 +620,8 @@ impl Router {
                 state = status.state().as_str_name(),
                 "campaign finished"
             );
-            let mut batch = WriteBatch {
-                meta: vec![(
-                    campaign::key(campaign::CAMPAIGN_PREFIX, &id),
-                    Some(c.record_bytes()),
-                )],
-                ..Default::default()
-            };
-            self.dirty.insert(id);
-            self.write_dirty(&mut batch);
-            self.submit(
-                batch,
-                Pending::Campaign {
-                    id,
-                    reply: None,
-                    answer: Kind::CampaignStatus(status),
-                    pushed: Vec::new(),
-                    undo: Undo::Finish,
-                },
-            )
-            .await;
+            self.save_record(id, None, Kind::CampaignStatus(status), Undo::Finish)
+                .await;
         }
         if forget.is_empty() {
             return;
