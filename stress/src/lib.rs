@@ -13,7 +13,7 @@
 //!   of every message; [`latency`]: HdrHistograms; [`sampler`], [`probe`]: the time series
 //!   and the relay's CPU, memory, store and queues.
 //! - [`target`], [`setup`]: the relay under test.
-//! - [`scenario`]: steady, max, surge, outage, bulk, soak; [`compare`]: relay against NATS.
+//! - [`scenario`]: steady, max, surge, outage, bulk, soak, crashloop; [`compare`]: relay against NATS.
 //! - [`report`], [`plot`]: summary, JSON, SVG.
 
 pub mod accounting;
@@ -63,6 +63,8 @@ pub enum Outcome {
     Report(Box<report::Report>),
     /// The comparison.
     Compare(Box<compare::Comparison>),
+    /// The crash loop's findings.
+    Crashloop(Box<scenario::crashloop::CrashReport>),
 }
 
 impl Outcome {
@@ -74,6 +76,8 @@ impl Outcome {
             Outcome::Report(_) => 1,
             Outcome::Compare(c) if c.relay_failed => 1,
             Outcome::Compare(_) => 0,
+            Outcome::Crashloop(c) if c.ok() => 0,
+            Outcome::Crashloop(_) => 1,
         }
     }
 }
@@ -88,5 +92,6 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Soak(a) => Outcome::Report(Box::new(scenario::soak::run(&a).await?)),
         Command::Bulk(a) => Outcome::Report(Box::new(scenario::bulk::run(&a).await?)),
         Command::Compare(a) => Outcome::Compare(Box::new(compare::run(&a).await?)),
+        Command::Crashloop(a) => Outcome::Crashloop(Box::new(scenario::crashloop::run(&a).await?)),
     })
 }

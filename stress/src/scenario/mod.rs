@@ -2,6 +2,7 @@
 //! runs one or more phases, and closes it into a [`Report`].
 
 pub mod bulk;
+pub mod crashloop;
 pub mod max;
 pub mod outage;
 pub mod soak;
