@@ -201,8 +201,13 @@ impl Relay {
         let (mut quic, mut quic_addr) = (None, None);
         if let (Some(addr), Some((quic_tls, _))) = (cfg.listen.quic, &tls) {
             let idle = Duration::from_millis(cfg.limits.idle_timeout_ms * 2);
-            let endpoint = transport::quic::endpoint(addr, quic_tls.clone(), idle)
-                .map_err(|source| StartError::Bind { addr, source })?;
+            let endpoint = transport::quic::endpoint(
+                addr,
+                quic_tls.clone(),
+                idle,
+                transport::quic::reset_secret(&relay_key),
+            )
+            .map_err(|source| StartError::Bind { addr, source })?;
             quic_addr = Some(
                 endpoint
                     .local_addr()
@@ -331,7 +336,8 @@ impl Relay {
         let _ = self.router_task.await;
         if let Some(q) = self.quic {
             q.close(0u32.into(), b"relay stopped");
-            q.wait_idle().await;
+            // Peers that vanished would hold this for their idle timeout: bound it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), q.wait_idle()).await;
         }
         // The writer finishes what is queued once its last handle is gone.
         let _ = tokio::task::spawn_blocking(move || self.writer_thread.join()).await;

@@ -126,6 +126,16 @@ async fn kills_and_a_sigterm_under_load_lose_nothing() {
         "both transports carried load: {:?}",
         r.links
     );
+    // A restarted relay resets its predecessor's QUIC connections (stable stateless-reset and
+    // connection-id keys): gateways notice a crash at their next packet, not after the 30 s
+    // idle timeout.
+    for l in &r.links {
+        assert!(
+            l.notice_ms_max.is_some_and(|ms| ms < 10_000.0),
+            "{} gateways noticed a stop late: {l:?}",
+            l.transport
+        );
+    }
     assert_eq!(
         r.last_line(),
         format!(

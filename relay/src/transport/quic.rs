@@ -20,11 +20,15 @@ use tracing::debug;
 /// Frames queued per outbound stream before the peer counts as not reading.
 pub const OUT_QUEUE: usize = 16 * 1024;
 
-/// Opens the QUIC endpoint.
+/// Opens the QUIC endpoint. `reset_secret` (derived from the relay's key) seeds the stateless
+/// reset key and the key that connection ids are hashed with: a relay restarted after a crash
+/// then recognises its predecessor's connection ids and resets those stale connections at
+/// once, where random keys per process would leave its peers waiting for their idle timeout.
 pub fn endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
     idle_timeout: Duration,
+    reset_secret: [u8; 32],
 ) -> std::io::Result<quinn::Endpoint> {
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(std::io::Error::other)?;
@@ -40,7 +44,31 @@ pub fn endpoint(
         .receive_window((32u32 << 20).into())
         .send_window(32 << 20);
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, addr)
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&reset_secret[24..]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(addr)?;
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// The stateless reset secret of a relay: a hash of its private key under its own label, so
+/// it is stable across restarts and reveals nothing of the key.
+pub fn reset_secret(relay_key: &ed25519_dalek::SigningKey) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"relay-fed/v1 quic stateless reset\0");
+    h.update(relay_key.to_bytes());
+    h.finalize().into()
 }
 
 /// Accepts connections until the endpoint is closed, handing each to `handler`.
