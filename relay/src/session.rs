@@ -72,6 +72,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Per-peer rate limiters.
     pub rates: Mutex<HashMap<String, TokenBucket>>,
+    /// Per-broadcaster limiters of campaign recipients per second.
+    pub recipient_rates: Mutex<HashMap<String, crate::campaign::RecipientBucket>>,
     /// Open sessions, for the admin API.
     pub sessions: Mutex<HashMap<SessionId, SessionInfo>>,
     next_session: AtomicU64,
@@ -101,6 +103,7 @@ impl Shared {
             verify: config.verify.clone(),
             shutdown,
             rates: Mutex::new(HashMap::new()),
+            recipient_rates: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
         }
@@ -727,7 +730,7 @@ impl Session {
                     | Kind::CampaignEnd(_)
                     | Kind::CampaignStatusRequest(_)
                     | Kind::CampaignCancel(_)),
-                ) => match self.campaign_request(kind, now_ms, &registry) {
+                ) => match self.campaign_request(kind, now_ms, &registry).await {
                     Ok(request) => {
                         let rx = self
                             .shared
@@ -819,11 +822,13 @@ impl Session {
 
     /// The checks a session makes of a campaign frame before the router sees it (SPEC.md
     /// 9.1-9.3): role, flow control, ids, the Begin's envelope and signature.
-    fn campaign_request(
-        &self,
+    // `&mut self` although it changes nothing: held across an await, `&Session` would need
+    // `Session: Sync`, which its futures are not.
+    async fn campaign_request(
+        &mut self,
         kind: Kind,
         now_ms: u64,
-        registry: &crate::registry::Registry,
+        registry: &Arc<crate::registry::Registry>,
     ) -> Result<CampaignRequest, Rejected> {
         // Echo what the frame names, so the broadcaster can match the refusal.
         let (campaign_id, seq) = match &kind {
@@ -925,23 +930,47 @@ impl Session {
                         format!("more than {max} recipients in one chunk"),
                     ));
                 }
-                // The per-recipient work (parse, group, encode) happens here, on the session's
-                // task, so that a campaign does not hold up the router that routes chat.
+                // The broadcaster's rate first: a chunk refused costs nothing more.
+                let rate = registry
+                    .get(&self.peer)
+                    .map_or(self.shared.campaigns.max_recipients_per_s, |p| {
+                        p.bulk.max_recipients_per_s
+                    });
+                if rate > 0
+                    && let Err(wait) = self.take_recipients(rate, c.recipients.len() as u64)
+                {
+                    return Err(refuse(
+                        ErrorCode::RateLimited,
+                        wait.max(1),
+                        format!("over {rate} recipients per second"),
+                    ));
+                }
+                // The per-recipient work (parse, group, encode) runs on the blocking pool: a
+                // campaign must hold up neither the router that routes chat nor a runtime
+                // worker that other sessions wait for.
                 let l = &self.shared.limits;
                 let budget = (l.max_frame_bytes as usize)
                     .saturating_sub(l.max_payload_bytes as usize + ENVELOPE_OVERHEAD)
                     .max(1024);
-                CampaignRequest::Chunk {
-                    id,
-                    seq: c.seq,
-                    chunk: crate::campaign::prepare_chunk(
-                        &self.peer,
+                let (peer, registry) = (self.peer.clone(), registry.clone());
+                let recipients = c.recipients;
+                let prepare = move || {
+                    crate::campaign::prepare_chunk(
+                        &peer,
                         &id,
-                        c.recipients,
+                        recipients,
                         |p| registry.is_platform(p),
                         budget,
                         now_ms,
-                    ),
+                    )
+                };
+                let chunk = tokio::task::spawn_blocking(prepare).await.map_err(|_| {
+                    refuse(ErrorCode::Internal, 1000, "chunk preparation failed".into())
+                })?;
+                CampaignRequest::Chunk {
+                    id,
+                    seq: c.seq,
+                    chunk,
                 }
             }
             Kind::CampaignEnd(e) => CampaignRequest::End {
@@ -951,6 +980,20 @@ impl Session {
             Kind::CampaignStatusRequest(_) => CampaignRequest::Status { id },
             _ => CampaignRequest::Cancel { id },
         })
+    }
+
+    /// Takes `n` recipients from the broadcaster's bucket, or says how many ms to wait.
+    fn take_recipients(&self, rate: u32, n: u64) -> Result<(), u32> {
+        let now = Instant::now();
+        let mut rates = self
+            .shared
+            .recipient_rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        rates
+            .entry(self.peer.clone())
+            .or_insert_with(|| crate::campaign::RecipientBucket::new(rate, now))
+            .take(rate, n, now)
     }
 
     fn count_campaign_refusal(&self, r: &Rejected) {

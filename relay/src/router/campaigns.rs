@@ -361,25 +361,6 @@ impl Router {
                 return;
             }
         }
-        if quota.max_recipients_per_s > 0 {
-            let now_instant = std::time::Instant::now();
-            let rate = quota.max_recipients_per_s;
-            let bucket = self
-                .broadcaster_rates
-                .entry(peer.clone())
-                .or_insert_with(|| RecipientBucket::new(rate, now_instant));
-            if let Err(wait) = bucket.take(rate, chunk.offered, now_instant) {
-                let detail = format!("over {rate} recipients per second");
-                let _ = reply.send(refuse(
-                    &request,
-                    ErrorCode::RateLimited,
-                    wait.max(1),
-                    detail,
-                ));
-                return;
-            }
-        }
-
         let expires_at_ms = c.record.expires_at_ms;
         let record = ChunkRecord {
             accepted: chunk.accepted() as u32,

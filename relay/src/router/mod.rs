@@ -411,8 +411,6 @@ pub struct Router {
     campaign_config: Campaigns,
     /// Campaigns whose counters changed since they were last written.
     dirty: HashSet<CampaignId>,
-    /// Recipients per second each broadcaster adds.
-    broadcaster_rates: HashMap<String, RecipientBucket>,
     /// Recipients per second sent to each destination on the bulk lane.
     bulk_rates: HashMap<String, RecipientBucket>,
     /// Destinations with bulk items held back by their rate.
@@ -468,7 +466,6 @@ impl Router {
             campaigns: HashMap::new(),
             campaign_config: config.campaigns,
             dirty: HashSet::new(),
-            broadcaster_rates: HashMap::new(),
             bulk_rates: HashMap::new(),
             bulk_held: HashSet::new(),
             discarded: Vec::new(),
