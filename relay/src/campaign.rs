@@ -441,9 +441,14 @@ pub fn split_recipients(recipients: Vec<String>, budget: usize) -> Vec<Vec<Strin
     groups
 }
 
+/// What a [`RecipientBucket`] holds, in seconds of its rate.
+const BURST_S: f64 = 0.1;
+
 /// A token bucket of recipients that may run into debt: a chunk larger than the bucket still
-/// passes when the bucket is full, and the debt delays what comes after, so the average rate
-/// holds whatever the chunk size.
+/// passes when the bucket is not in debt, and the debt delays what comes after, so the average
+/// rate holds whatever the chunk size. The bucket holds a tenth of a second's worth: a campaign
+/// is spread evenly over time instead of arriving in one-second bursts that would crowd out
+/// chat and calls on the same cores.
 #[derive(Debug, Clone)]
 pub struct RecipientBucket {
     rate: f64,
@@ -452,11 +457,11 @@ pub struct RecipientBucket {
 }
 
 impl RecipientBucket {
-    /// A full bucket of `rate` per second (burst: one second's worth).
+    /// A full bucket of `rate` per second.
     pub fn new(rate: u32, now: std::time::Instant) -> Self {
         Self {
             rate: f64::from(rate),
-            tokens: f64::from(rate),
+            tokens: f64::from(rate) * BURST_S,
             last: now,
         }
     }
@@ -464,7 +469,7 @@ impl RecipientBucket {
     fn refill(&mut self, rate: u32, now: std::time::Instant) {
         self.rate = f64::from(rate);
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate * BURST_S);
         self.last = now;
     }
 
@@ -643,10 +648,15 @@ mod tests {
     #[test]
     fn bucket_allows_a_large_chunk_then_holds_the_rate() {
         let t0 = Instant::now();
+        // 100 in the bucket; 5,000 taken: 4,900 of debt at 1,000/s.
         let mut b = RecipientBucket::new(1000, t0);
         assert!(b.take(1000, 5000, t0).is_ok());
         let wait = b.take(1000, 1, t0).unwrap_err();
-        assert!((4000..=4002).contains(&wait), "{wait}");
-        assert!(b.take(1000, 1, t0 + Duration::from_millis(4002)).is_ok());
+        assert!((4900..=4902).contains(&wait), "{wait}");
+        assert!(b.take(1000, 1, t0 + Duration::from_millis(4902)).is_ok());
+        // It never holds more than a tenth of a second's worth.
+        let mut b = RecipientBucket::new(1000, t0);
+        assert!(b.take(1000, 100, t0 + Duration::from_secs(60)).is_ok());
+        assert!(b.take(1000, 1, t0 + Duration::from_secs(60)).is_err());
     }
 }

@@ -459,9 +459,9 @@ async fn the_bulk_rate_of_a_platform_is_obeyed_and_chat_keeps_flowing() {
     }
     receive(&mut alpha, 2500, Duration::from_secs(20), &mut got).await;
     assert_eq!(got.recipients.len(), 2500);
-    // 2,500 recipients at 500/s: after the one-second burst (500) the rest go at the rate,
-    // the last frame (250) as soon as the bucket is out of debt: (2500 - 500 - 250) / 500 =
-    // 3.5 s between first and last, less the time this test took to read the first frame.
+    // 2,500 recipients at 500/s: after the bucket's tenth of a second (50) the rest go at the
+    // rate, the last frame (250) as soon as the bucket is out of debt: (2500 - 50 - 250) / 500
+    // = 4.4 s between first and last, less the time this test took to read the first frame.
     let spread = got.last_at.unwrap() - got.first_at.unwrap();
     assert!(
         spread >= Duration::from_millis(3000),
