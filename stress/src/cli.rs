@@ -397,6 +397,9 @@ pub struct CrashloopArgs {
     /// A receiving gateway sends a delivery receipt for 1 in K messages it takes in (0: none).
     #[arg(long, default_value_t = 4, value_name = "K")]
     pub receipt_every: u64,
+    /// Campaign recipients per second from the broadcaster `news` (0: no campaigns).
+    #[arg(long, default_value_t = 500.0)]
+    pub campaign_rate: f64,
     /// Seed of the kill times and the traffic.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

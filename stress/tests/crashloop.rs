@@ -118,6 +118,9 @@ async fn kills_and_a_sigterm_under_load_lose_nothing() {
     assert_eq!(v.delivered + v.expired, v.accepted, "{v:?}");
     assert!(v.anomalies.is_empty(), "{v:?}");
     assert!(v.receipts.received > 0, "receipts flowed: {v:?}");
+    assert!(v.campaigns.accepted > 0, "campaigns ran: {v:?}");
+    assert_eq!(v.campaigns.lost, 0, "{v:?}");
+    assert_eq!(v.campaigns.delivered, v.campaigns.accepted, "{v:?}");
     assert_eq!(v.receipts.lost, 0, "{v:?}");
     assert_eq!(r.accounting.lost, 0);
     assert!(
@@ -140,7 +143,9 @@ async fn kills_and_a_sigterm_under_load_lose_nothing() {
         r.last_line(),
         format!(
             "kills=3 accepted={} delivered={} expired={} lost=0 duplicates_after_dedup=0",
-            v.accepted, v.delivered, v.expired
+            v.accepted + v.campaigns.accepted,
+            v.delivered + v.campaigns.delivered,
+            v.expired
         )
     );
     let written: serde_json::Value =

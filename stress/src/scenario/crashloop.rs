@@ -259,13 +259,21 @@ pub async fn run(a: &CrashloopArgs) -> Result<CrashReport, Error> {
         mix: a.mix,
         receipt_every: a.receipt_every,
         seed: a.seed,
+        campaign_rate: a.campaign_rate,
     };
     let endpoints = Endpoints {
         quic: format!("quic://{}", setup.quic),
         ws: format!("ws://{}", setup.ws),
         ca: setup.ca.clone(),
     };
-    let mut fleet = Fleet::start(&endpoints, &setup.platforms, &spec, &books).await?;
+    let mut fleet = Fleet::start(
+        &endpoints,
+        &setup.platforms,
+        &setup.broadcaster,
+        &spec,
+        &books,
+    )
+    .await?;
     let load_start = Instant::now();
     out.progress(format!(
         "load: {} × {} gateways (QUIC and WebSocket alternating), {} msgs/s, {}, {}-byte payloads, \
@@ -359,6 +367,9 @@ fn check_args(a: &CrashloopArgs) -> Result<(), Error> {
     }
     if a.min_gap.is_zero() || a.min_gap > a.max_gap {
         return usage("--min-gap must be above 0 and at most --max-gap");
+    }
+    if !(a.campaign_rate.is_finite() && a.campaign_rate >= 0.0) {
+        return usage("--campaign-rate must be 0 or more");
     }
     if a.gateways == 0 || a.users == 0 {
         return usage("--gateways and --users must be at least 1");

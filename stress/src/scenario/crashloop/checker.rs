@@ -16,6 +16,11 @@
 //! origin — counts in `duplicates_after_dedup`. Anything the protocol rules out (a copy of a
 //! refused message, a notice to a platform that did not send the message, an unverified
 //! signature) is an anomaly and fails the run.
+//!
+//! Campaign recipients are followed the same way: a recipient counts as accepted once the
+//! relay acknowledged its chunk, and is delivered when its platform admits it, deduplicating
+//! by (campaign, recipient) as SPEC.md 9.8 asks of a platform. A recipient admitted by a
+//! platform that is not its own is an anomaly.
 
 use crate::accounting::LaneKind;
 use relay_client::{MessageId, ReceiptKind};
@@ -72,6 +77,9 @@ struct State {
     receipt_refusals: BTreeMap<String, u64>,
     anomalies: BTreeMap<&'static str, u64>,
     examples: Vec<String>,
+    /// Campaign recipients: (campaign, recipient) -> (chunk acknowledged, copies received).
+    recipients: HashMap<([u8; 16], String), (bool, u32)>,
+    campaigns_begun: u64,
 }
 
 impl State {
@@ -119,10 +127,30 @@ pub struct Verdict {
     pub duplicates_after_dedup: u64,
     /// The receipts.
     pub receipts: ReceiptVerdict,
+    /// The campaign recipients.
+    pub campaigns: CampaignVerdict,
     /// What the protocol rules out, by kind.
     pub anomalies: BTreeMap<String, u64>,
     /// The first anomalies and lost messages, described.
     pub examples: Vec<String>,
+}
+
+/// What became of the campaign recipients.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CampaignVerdict {
+    /// Campaigns begun.
+    pub campaigns: u64,
+    /// Recipients of chunks the relay acknowledged.
+    pub accepted: u64,
+    /// Of those, received by their platform.
+    pub delivered: u64,
+    /// Accepted, never received (campaigns here live far longer than the run).
+    pub lost: u64,
+    /// Received although their chunk was never acknowledged (the ack was lost with a killed
+    /// relay and the run ended before the resend was answered).
+    pub delivered_unacknowledged: u64,
+    /// Copies beyond the first (absorbed by the platform's dedup).
+    pub redeliveries: u64,
 }
 
 /// What became of the delivery receipts.
@@ -151,6 +179,7 @@ impl Verdict {
     /// happened.
     pub fn clean(&self) -> bool {
         self.lost == 0
+            && self.campaigns.lost == 0
             && self.duplicates_after_dedup == 0
             && self.receipts.lost == 0
             && self.receipts.duplicates_after_dedup == 0
@@ -372,7 +401,11 @@ impl Checker {
     /// accepted messages, arrivals of accepted receipts.
     pub(super) fn outstanding(&self) -> u64 {
         let s = self.lock();
-        let mut n = 0;
+        let mut n = s
+            .recipients
+            .values()
+            .filter(|(acked, copies)| *acked && *copies == 0)
+            .count() as u64;
         for r in s.messages.values() {
             match r.answer {
                 Answer::Pending => n += 1,
@@ -391,6 +424,39 @@ impl Checker {
     }
 
     /// Classifies everything seen so far.
+    /// A campaign was begun.
+    pub(super) fn campaign_begun(&self) {
+        self.lock().campaigns_begun += 1;
+    }
+
+    /// The relay acknowledged a chunk with these recipients.
+    pub(super) fn chunk_accepted(&self, campaign: [u8; 16], recipients: &[String]) {
+        let mut s = self.lock();
+        for r in recipients {
+            s.recipients.entry((campaign, r.clone())).or_default().0 = true;
+        }
+    }
+
+    /// `platform` received a BulkDeliver of `campaign` for these recipients.
+    pub(super) fn bulk_delivered(
+        &self,
+        platform: usize,
+        campaign: [u8; 16],
+        recipients: &[String],
+    ) {
+        let name = self.platforms.get(platform).cloned().unwrap_or_default();
+        let mut s = self.lock();
+        for r in recipients {
+            if !r.ends_with(&format!("@{name}")) {
+                s.anomaly("campaign recipient delivered to another platform", || {
+                    format!("{r} to {name}")
+                });
+                continue;
+            }
+            s.recipients.entry((campaign, r.clone())).or_default().1 += 1;
+        }
+    }
+
     pub(super) fn verdict(&self) -> Verdict {
         let s = self.lock();
         let mut v = Verdict {
@@ -405,6 +471,23 @@ impl Checker {
             ..Verdict::default()
         };
         v.receipts.refused = s.receipt_refusals.clone();
+        v.campaigns.campaigns = s.campaigns_begun;
+        for &(acked, copies) in s.recipients.values() {
+            let c = &mut v.campaigns;
+            c.redeliveries += u64::from(copies.saturating_sub(1));
+            match (acked, copies > 0) {
+                (true, true) => {
+                    c.accepted += 1;
+                    c.delivered += 1;
+                }
+                (true, false) => {
+                    c.accepted += 1;
+                    c.lost += 1;
+                }
+                (false, true) => c.delivered_unacknowledged += 1,
+                (false, false) => {}
+            }
+        }
         let mut lost_examples = Vec::new();
         for (id, r) in &s.messages {
             v.sent += 1;

@@ -3,7 +3,10 @@
 //! Each gateway sends chat and call messages at its share of the rate to users of the other
 //! platforms (the SDK keeps each one until the relay answers, resending the same signed
 //! envelope after every reconnect); receives, deduplicates and acks what comes to its
-//! platform; and sends a delivery receipt for every Kth message it takes in.
+//! platform; and sends a delivery receipt for every Kth message it takes in. A broadcaster
+//! runs campaigns to users of every platform meanwhile (one after the other, each a few
+//! chunks), which the SDK resumes after every crash (Begin again, then every chunk not yet
+//! acknowledged), and the gateways count the recipients they receive.
 
 use super::checker::{Answer, Checker};
 use crate::Error;
@@ -51,6 +54,8 @@ pub(super) struct LoadSpec {
     pub(super) receipt_every: u64,
     /// Seed of the traffic.
     pub(super) seed: u64,
+    /// Campaign recipients per second (0: no campaigns).
+    pub(super) campaign_rate: f64,
 }
 
 /// Where the relay listens.
@@ -128,6 +133,8 @@ pub(super) struct Fleet {
     gateways: Vec<Gateway>,
     stop: watch::Sender<bool>,
     senders: Vec<JoinHandle<u64>>,
+    broadcaster: Option<ClientHandle>,
+    campaigns: Option<JoinHandle<()>>,
 }
 
 impl Fleet {
@@ -135,6 +142,7 @@ impl Fleet {
     pub(super) async fn start(
         endpoints: &Endpoints,
         platforms: &[KeyFile],
+        broadcaster: &KeyFile,
         spec: &LoadSpec,
         books: &Books,
     ) -> Result<Self, Error> {
@@ -147,6 +155,8 @@ impl Fleet {
             gateways: Vec::new(),
             stop,
             senders: Vec::new(),
+            broadcaster: None,
+            campaigns: None,
         };
         for (p, key) in platforms.iter().enumerate() {
             for g in 0..spec.gateways {
@@ -200,12 +210,21 @@ impl Fleet {
                 });
             }
         }
-        // ---- Campaign (bulk) traffic: add it here (issue 4). ----
-        // The set-up already registers the broadcaster `news` (keys/news.key). Once the SDK's
-        // campaign sender is settled (ClientHandle::begin_campaign, Campaign chunks; being
-        // written now), connect a `news` session here, run campaigns to users of the
-        // platforms during the kill loop, and have the receivers count Event::Bulk
-        // recipients in the checker, deduplicated by (origin, id, recipient) (SPEC.md 9.8).
+        if spec.campaign_rate > 0.0 {
+            // Over QUIC: the WebSocket gateways already cover that transport's resumption.
+            let (handle, mut events) = connect(&endpoints.quic, &endpoints.ca, broadcaster).await?;
+            // Progress reports are not needed; the events must still be read.
+            tokio::spawn(async move { while events.next().await.is_some() {} });
+            let task = tokio::spawn(run_campaigns(
+                handle.clone(),
+                names.clone(),
+                spec.campaign_rate,
+                books.clone(),
+                fleet.stop.subscribe(),
+            ));
+            fleet.broadcaster = Some(handle);
+            fleet.campaigns = Some(task);
+        }
         Ok(fleet)
     }
 
@@ -215,6 +234,10 @@ impl Fleet {
         let mut sent = 0;
         for s in self.senders.drain(..) {
             sent += s.await.unwrap_or(0);
+        }
+        if let Some(task) = self.campaigns.take() {
+            // It finishes the campaign in hand: every chunk it started is answered.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT * 3, task).await;
         }
         sent
     }
@@ -232,6 +255,9 @@ impl Fleet {
         self.stop_sending().await;
         // Together: each close waits up to the SDK's grace for unanswered messages.
         futures_util::future::join_all(self.gateways.iter().map(|g| g.handle.close())).await;
+        if let Some(handle) = &self.broadcaster {
+            handle.close().await;
+        }
         for g in self.gateways {
             for t in g.tasks {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, t).await;
@@ -397,8 +423,13 @@ async fn receive(
                 }
                 Event::Disconnected { .. } => push_link(&links, false),
                 Event::Reconnected(_) => push_link(&links, true),
-                // Campaign deliveries and progress are not part of this load yet (see the
-                // campaign marker in `Fleet::start`); their tags are still acked below.
+                Event::Bulk(b) => {
+                    if let Ok(campaign) = <[u8; 16]>::try_from(b.campaign_id.as_ref()) {
+                        books
+                            .checker
+                            .bulk_delivered(platform, campaign, &b.recipients);
+                    }
+                }
                 _ => {}
             }
             if let Some(tag) = event.tag() {
@@ -410,6 +441,74 @@ async fn receive(
         }
         handle.ack_many(&tags);
         tags.clear();
+    }
+}
+
+/// Recipients per campaign chunk.
+const CAMPAIGN_CHUNK: usize = 250;
+/// Chunks per campaign.
+const CAMPAIGN_CHUNKS: u32 = 4;
+
+/// The broadcaster: one campaign after another until stopped, each of [`CAMPAIGN_CHUNKS`]
+/// chunks to users spread over the platforms, paced at `rate` recipients per second. A chunk
+/// is counted in the checker once the relay acknowledges it; the SDK resends whatever is not
+/// acknowledged after a reconnect, so every chunk started is answered unless the relay stays
+/// down past the end of the run.
+async fn run_campaigns(
+    handle: ClientHandle,
+    names: Arc<Vec<String>>,
+    rate: f64,
+    books: Books,
+    mut stop: watch::Receiver<bool>,
+) {
+    let period = Duration::from_secs_f64(CAMPAIGN_CHUNK as f64 / rate);
+    let mut tick = tokio::time::interval(period);
+    let mut n = 0u64;
+    'campaigns: while !*stop.borrow() {
+        let spec = relay_client::CampaignSpec::text(
+            &format!("alerts@{}", handle.peer()),
+            "crash loop campaign",
+        );
+        let Ok(campaign) = handle.begin_campaign(spec).await else {
+            // Refused or closed: try a new campaign after a pause.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        books.checker.campaign_begun();
+        let id = campaign.id();
+        let mut pending = Vec::new();
+        for seq in 1..=CAMPAIGN_CHUNKS {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let recipients: Vec<String> = (0..CAMPAIGN_CHUNK)
+                .map(|_| {
+                    n += 1;
+                    format!("c{n}@{}", names[(n % names.len() as u64) as usize])
+                })
+                .collect();
+            let Ok(p) = campaign.submit_chunk(seq, recipients.clone()).await else {
+                break 'campaigns;
+            };
+            let checker = books.checker.clone();
+            pending.push(tokio::spawn(async move {
+                if let Ok(ack) = p.await
+                    && ack.accepted as usize == recipients.len()
+                {
+                    checker.chunk_accepted(id, &recipients);
+                }
+            }));
+        }
+        for p in pending {
+            let _ = p.await;
+        }
+        let chunks = CAMPAIGN_CHUNKS;
+        if *stop.borrow() {
+            break;
+        }
+        let _ = campaign.end(chunks).await;
     }
 }
 

@@ -43,6 +43,8 @@ pub(super) struct SetUp {
     pub(super) admin: SocketAddr,
     /// The platforms' key files, in [`PLATFORMS`] order.
     pub(super) platforms: Vec<KeyFile>,
+    /// The broadcaster's key file.
+    pub(super) broadcaster: KeyFile,
     temp: Option<tempfile::TempDir>,
 }
 
@@ -80,6 +82,7 @@ impl SetUp {
         .map_err(|e| io("relay key", e))?;
         let mut peers = String::new();
         let mut platforms = Vec::new();
+        let mut broadcaster = None;
         let roles = PLATFORMS
             .iter()
             .map(|p| (*p, "platform"))
@@ -96,6 +99,8 @@ impl SetUp {
             );
             if role == "platform" {
                 platforms.push(file);
+            } else {
+                broadcaster = Some(file);
             }
         }
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
@@ -129,6 +134,7 @@ impl SetUp {
             ws,
             admin,
             platforms,
+            broadcaster: broadcaster.ok_or("no broadcaster key written")?,
             temp,
         })
     }

@@ -83,10 +83,17 @@ impl CrashReport {
 
     /// The verdict line.
     pub fn last_line(&self) -> String {
+        // Messages and campaign recipients together: each is one thing a platform must get.
         let v = &self.verdict;
+        let c = &v.campaigns;
         format!(
             "kills={} accepted={} delivered={} expired={} lost={} duplicates_after_dedup={}",
-            self.kills, v.accepted, v.delivered, v.expired, v.lost, v.duplicates_after_dedup
+            self.kills,
+            v.accepted + c.accepted,
+            v.delivered + c.delivered,
+            v.expired,
+            v.lost + c.lost,
+            v.duplicates_after_dedup
         )
     }
 }
@@ -252,6 +259,13 @@ pub(super) fn print_summary(r: &CrashReport) {
         rc.lost,
         rc.redeliveries,
         rc.duplicates_after_dedup
+    );
+    let c = &v.campaigns;
+    println!(
+        "campaigns: {} begun; recipients accepted={} delivered={} lost={} redeliveries={} \
+         delivered_unacknowledged={} (the last line counts messages and campaign recipients \
+         together)",
+        c.campaigns, c.accepted, c.delivered, c.lost, c.redeliveries, c.delivered_unacknowledged
     );
     for (kind, n) in &v.anomalies {
         println!("anomaly: {kind} × {n}");
