@@ -212,7 +212,7 @@ impl Campaign {
         }
     }
 
-    /// Totals of the acknowledged chunks 1..=n, if they are all there and durable.
+    /// (accepted, rejected) over every chunk taken so far.
     pub fn totals(&self) -> (u64, u64) {
         let mut a = 0u64;
         let mut r = 0u64;
@@ -330,20 +330,35 @@ fn envelope_fields(r: &CampaignRecord) -> Bytes {
     .into()
 }
 
-/// The parts of a stored BulkDeliver the router needs, read without copying recipients.
-#[derive(Clone, PartialEq, Message)]
-pub struct BulkView {
-    #[prost(bytes = "bytes", tag = "2")]
-    pub campaign_id: Bytes,
-    #[prost(bytes = "bytes", repeated, tag = "6")]
-    pub recipients: Vec<Bytes>,
-}
-
-/// Campaign id and recipient count of a stored BulkDeliver's inner bytes.
+/// Campaign id and recipient count of a stored BulkDeliver's inner bytes. The router asks at
+/// every dispatch, ack and expiry of a campaign item, so the fields are walked, not decoded:
+/// thousands of recipients are counted without a value being allocated for each.
 pub fn bulk_info(inner: Bytes) -> Option<(CampaignId, u64)> {
-    let view = BulkView::decode(inner).ok()?;
-    let id = view.campaign_id.as_ref().try_into().ok()?;
-    Some((id, view.recipients.len() as u64))
+    use bytes::Buf;
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut buf = inner;
+    let mut id = None;
+    let mut recipients = 0u64;
+    while buf.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut buf).ok()?;
+        if matches!(tag, 2 | 6) && wire_type != WireType::LengthDelimited {
+            return None;
+        }
+        if tag == 2 {
+            // As a decoder would: the last occurrence of a singular field wins.
+            let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+            if buf.remaining() < len {
+                return None;
+            }
+            id = Some(buf.split_to(len));
+            continue;
+        }
+        if tag == 6 {
+            recipients += 1;
+        }
+        skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?;
+    }
+    Some((id?.as_ref().try_into().ok()?, recipients))
 }
 
 /// A chunk's recipients, checked, grouped by destination platform and encoded as the stored
@@ -633,6 +648,15 @@ mod tests {
         assert_eq!(bulk_info(inner), Some(([3; 16], 2)));
     }
 
+    fn inner_with_two() -> Vec<u8> {
+        federation_spec::proto::BulkDeliver {
+            campaign_id: Bytes::from_static(&[9; 16]),
+            recipients: vec!["a@b".into(), "c@d".into()],
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
     #[test]
     fn bulk_info_reads_id_and_count() {
         let inner = federation_spec::proto::BulkDeliver {
@@ -643,6 +667,13 @@ mod tests {
         .encode_to_vec();
         assert_eq!(bulk_info(inner.into()), Some(([9; 16], 2)));
         assert_eq!(bulk_info(Bytes::from_static(&[0xff])), None);
+        // Field 6 with another wire type is malformed, as for a decoder; a truncated id too.
+        assert_eq!(bulk_info(Bytes::from_static(&[0x30, 0x01])), None);
+        assert_eq!(bulk_info(Bytes::from_static(&[0x12, 0x10, 0x01])), None);
+        // The tag field appended at delivery and unknown fields are skipped.
+        let mut with_tag = inner_with_two();
+        with_tag.extend_from_slice(&[0x08, 0x2a, 0x78, 0x05]);
+        assert_eq!(bulk_info(with_tag.into()), Some(([9; 16], 2)));
     }
 
     #[test]

@@ -83,6 +83,28 @@ pub(super) fn refuse(
     })
 }
 
+/// The refusal of a new step (a chunk, the end) of a campaign that takes none any more:
+/// cancelled (`INVALID_MESSAGE`, SPEC.md 9.3) or past its expiry (`EXPIRED`, 9.9).
+fn refuse_closed(c: &Campaign, request: &CampaignRequest, now: u64) -> Option<Kind> {
+    if c.cancelled() {
+        Some(refuse(
+            request,
+            ErrorCode::InvalidMessage,
+            0,
+            "the campaign was cancelled".into(),
+        ))
+    } else if c.expired_at(now) {
+        Some(refuse(
+            request,
+            ErrorCode::Expired,
+            0,
+            "the campaign has expired".into(),
+        ))
+    } else {
+        None
+    }
+}
+
 impl Router {
     /// Handles a broadcaster's campaign frame (SPEC.md 9.2-9.7); the answer goes to `reply`,
     /// after the step is durable when it changes anything.
@@ -158,13 +180,8 @@ impl Router {
                     let _ = reply.send(answer);
                     return;
                 }
-                if c.cancelled() {
-                    let _ = reply.send(invalid("the campaign was cancelled".into()));
-                    return;
-                }
-                if c.expired_at(now) {
-                    let detail = "the campaign has expired".to_string();
-                    let _ = reply.send(refuse(&request, ErrorCode::Expired, 0, detail));
+                if let Some(refusal) = refuse_closed(c, &request, now) {
+                    let _ = reply.send(refusal);
                     return;
                 }
                 if let Some(beyond) = c.chunks.keys().copied().filter(|&s| s > chunks).min() {
@@ -333,13 +350,8 @@ impl Router {
             ));
             return;
         }
-        if c.cancelled() {
-            let _ = reply.send(invalid("the campaign was cancelled".into()));
-            return;
-        }
-        if c.expired_at(now) {
-            let detail = "the campaign has expired".to_string();
-            let _ = reply.send(refuse(&request, ErrorCode::Expired, 0, detail));
+        if let Some(refusal) = refuse_closed(c, &request, now) {
+            let _ = reply.send(refusal);
             return;
         }
         let quota = self.bulk_quota(&peer);

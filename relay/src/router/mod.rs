@@ -1220,8 +1220,10 @@ impl Router {
         let removed = std::mem::take(&mut self.acked);
         let counted = removed
             .iter()
-            .filter(|i| i.queue.lane == Lane::Bulk as u8)
-            .filter_map(|i| bulk_info_of(i).map(|(id, n)| (id, i.queue.dest.clone(), n)))
+            .filter_map(|i| {
+                self.bulk_item(i)
+                    .map(|(id, n)| (id, i.queue.dest.clone(), n))
+            })
             .collect();
         let mut batch = WriteBatch {
             remove: removed.iter().map(|i| (i.queue.clone(), i.seq)).collect(),
