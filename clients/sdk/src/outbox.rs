@@ -19,6 +19,13 @@ use federation_spec::proto::{Lane, ReceiptKind};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
+/// Takes out of a retry queue (keyed by when each entry may go again, then a sequence number)
+/// every entry whose wait is over, in that order.
+pub(crate) fn take_due<K>(waiting: &mut BTreeMap<(Instant, u64), K>, now: Instant) -> Vec<K> {
+    let later = waiting.split_off(&(now, u64::MAX));
+    std::mem::replace(waiting, later).into_values().collect()
+}
+
 /// What an entry is, beyond its id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Item {
@@ -162,16 +169,7 @@ impl<W> Outbox<W> {
 
     /// Moves entries whose wait is over back to the front of their lane.
     pub(crate) fn promote(&mut self, now: Instant) {
-        let due: Vec<_> = self
-            .waiting
-            .range(..(now, u64::MAX))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let mut keys = Vec::with_capacity(due.len());
-        for (slot, key) in due {
-            self.waiting.remove(&slot);
-            keys.push(key);
-        }
+        let keys = take_due(&mut self.waiting, now);
         self.push_front_in_order(keys);
     }
 

@@ -415,16 +415,7 @@ impl<C> CampaignBook<C> {
         if self.paused_until.is_some_and(|p| p <= now) {
             self.paused_until = None;
         }
-        let due: Vec<((Instant, u64), StepKey)> = self
-            .waiting
-            .range(..(now, u64::MAX))
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let mut keys = Vec::with_capacity(due.len());
-        for (slot, key) in due {
-            self.waiting.remove(&slot);
-            keys.push(key);
-        }
+        let keys = crate::outbox::take_due(&mut self.waiting, now);
         self.push_front_in_order(keys);
     }
 
